@@ -1,0 +1,85 @@
+"""Reading and writing weight files safely.
+
+Reading never unpickles arbitrary objects unless asked to (``weights_only=True``);
+writing is atomic (a temporary file in the same folder, then ``os.replace``), so an
+interrupted write never leaves a truncated file behind.
+"""
+import os
+import pickle
+import tempfile
+from typing import Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ['UnsafeCheckpointError', 'load_state_dict_file', 'save_safetensors']
+
+
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint holds pickled Python objects besides tensors and was not trusted."""
+
+
+def load_state_dict_file(path: str, weights_only: bool = True) -> Dict[str, torch.Tensor]:
+    """Load the tensors of a ``.safetensors`` or ``torch.save`` file.
+
+    Args:
+        path: file to read.
+        weights_only: refuse pickled objects other than tensors and containers (default).
+            Training checkpoints of the DAT release also pickle a config object; pass False
+            only for files you trust.
+
+    Returns:
+        The file's top-level dict (e.g. ``{'model': state_dict}``) or state dict.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnsafeCheckpointError: the file needs unpickling of other objects.
+        ValueError: the file is neither a safetensors nor a readable torch file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint file at {path}')
+    if path.endswith('.safetensors'):
+        try:
+            return load_file(path)
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f'{path} is not a readable safetensors file: {err}') from err
+    try:
+        return torch.load(path, map_location='cpu', weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if weights_only and unsafe:
+            raise UnsafeCheckpointError(
+                f'{path} holds pickled Python objects besides tensors ({", ".join(unsafe)}; training checkpoints '
+                f'of the DAT release carry a config object). Loading it would run code from the file, so it was '
+                f'refused. If you trust the file, convert it once with '
+                f'`deformvit convert {path} OUT.safetensors --trust-pickle` (or call '
+                f'load_state_dict_file(path, weights_only=False)) and load OUT.safetensors instead.') from err
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}') from err
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}') from err
+
+
+def _unsafe_globals(path: str) -> list:
+    """Python objects other than tensors that a ``torch.save`` zip file would unpickle."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint at all
+        return []
+
+
+def save_safetensors(state_dict: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``state_dict`` to ``path`` in safetensors format, atomically."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,88 @@
+"""Parameter and multiply-accumulate counts, in the convention of the papers' tables.
+
+MACs follow fvcore, which DAT's tables use: one MAC per multiply-add of matrix products
+and convolutions (biases free), ``5 x numel`` for an affine LayerNorm, ``4 x numel`` of
+the output for bilinear sampling and interpolation; element-wise activations, softmax and
+additions are free. Attention computed by ``F.scaled_dot_product_attention`` counts as its
+two matrix products.
+"""
+from typing import Dict, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+__all__ = ['count_macs', 'count_parameters']
+
+aten = torch.ops.aten
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (buffers such as index tables and masks are not counted)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+# FlopCounterMode counts FLOPs = 2 x MACs for products; these formulas return 2 x the fvcore
+# MACs of the other counted ops so that one division by 2 gives fvcore's total.
+def _layer_norm(input_shape, normalized_shape, weight_shape=None, *args, out_shape=None, **kwargs) -> int:
+    return 2 * _numel(input_shape) * (5 if weight_shape is not None else 4)
+
+
+def _bilinear_sample(*args, out_shape=None, **kwargs) -> int:
+    return 2 * 4 * _numel(out_shape[0] if isinstance(out_shape, (tuple, list)) and isinstance(out_shape[0], (tuple, list)) else out_shape)
+
+
+def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+_FVCORE_EXTRA = {
+    aten.native_layer_norm: _layer_norm,
+    aten.grid_sampler_2d: _bilinear_sample,
+    aten.upsample_bilinear2d: _bilinear_sample,
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+}
+
+
+@torch.no_grad()
+def count_macs(
+        model: nn.Module,
+        input_size: Sequence[int] = (3, 224, 224),
+        by_module: bool = False,
+) -> int | Tuple[int, Dict[str, int]]:
+    """Multiply-accumulates of one forward pass on a ``(1, *input_size)`` input.
+
+    Args:
+        model: the network (evaluated in eval mode; its mode is restored).
+        input_size: ``(C, H, W)``.
+        by_module: also return the MACs of every submodule, by qualified name
+            (``'stages.2'``, ``'stages.2.blocks.1.attn'``, ...).
+
+    Returns:
+        Total MACs, or ``(total, {module name: MACs})``.
+    """
+    param = next(model.parameters())
+    x = torch.randn(1, *input_size, device=param.device, dtype=param.dtype)
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False, custom_mapping=_FVCORE_EXTRA)
+    try:
+        with counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    total = counter.get_total_flops() // 2
+    if not by_module:
+        return total
+    per_module = {
+        name.split('.', 1)[1]: sum(counts.values()) // 2
+        for name, counts in counter.get_flop_counts().items() if '.' in name  # drop 'Global' and the root
+    }
+    return total, per_module

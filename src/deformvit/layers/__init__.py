@@ -1,0 +1,25 @@
+"""Building blocks shared by the model families (DAT, EAPT)."""
+from .attention import attention
+from .position import (
+    deformable_relative_position_bias,
+    relative_position_index,
+    resize_fixed_position_bias,
+    resize_relative_position_table,
+)
+from .sampling import reference_points, sample_bilinear
+from .mlp import Mlp
+from .window import pad_to_multiple, window_partition, window_region_mask
+
+__all__ = [
+    'Mlp',
+    'attention',
+    'deformable_relative_position_bias',
+    'pad_to_multiple',
+    'reference_points',
+    'relative_position_index',
+    'resize_fixed_position_bias',
+    'resize_relative_position_table',
+    'sample_bilinear',
+    'window_partition',
+    'window_region_mask',
+]

@@ -1,0 +1,116 @@
+"""Relative position biases.
+
+* Window attention: the Swin table ``B_hat`` of size ``(2Wh-1)(2Ww-1) x heads`` indexed by
+  integer displacements inside a window (Swin Transformer Sec. 3.2, used by DAT's local and
+  shift-window blocks).
+* Deformable attention: the same kind of table, one ``(2H-1) x (2W-1)`` plane per head,
+  *interpolated* at the continuous displacements between queries and deformed keys,
+  ``phi(B_hat; R)`` of DAT Eq. (9).
+"""
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    'deformable_relative_position_bias',
+    'relative_position_index',
+    'resize_fixed_position_bias',
+    'resize_relative_position_table',
+]
+
+
+def relative_position_index(window_size: Tuple[int, int]) -> torch.Tensor:
+    """Index into a ``(2Wh-1)(2Ww-1)`` table for every (query, key) pair of a window.
+
+    Returns:
+        ``(Wh*Ww, Wh*Ww)`` long tensor.
+    """
+    wh, ww = window_size
+    coords = torch.stack(torch.meshgrid(torch.arange(wh), torch.arange(ww), indexing='ij')).flatten(1)  # (2, N)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2) as (dy, dx)
+    return (rel[..., 0] + wh - 1) * (2 * ww - 1) + (rel[..., 1] + ww - 1)
+
+
+def deformable_relative_position_bias(
+        table: torch.Tensor,
+        query_points: torch.Tensor,
+        key_points: torch.Tensor,
+        n_groups: int,
+) -> torch.Tensor:
+    """Deformable relative position bias ``phi(B_hat; R)`` of DAT Eq. (9).
+
+    The displacement ``R`` between a query and a deformed key is taken in normalised
+    coordinates, halved so that it lies in ``[-1, 1]``, and the per-head table is sampled
+    there bilinearly. Because displacements are normalised, a table built for one feature
+    map size serves any other: it is read as a continuous function of the displacement.
+
+    Args:
+        table: ``(heads, Th, Tw)`` bias table.
+        query_points: ``(Nq, 2)`` query positions ``(y, x)`` in ``[-1, 1]``.
+        key_points: ``(B * n_groups, Nk, 2)`` deformed key positions ``(y, x)``.
+        n_groups: offset groups ``G``; heads ``heads / G * g ... `` share group ``g``'s keys.
+
+    Returns:
+        ``(B, heads, Nq, Nk)`` bias.
+    """
+    heads, th, tw = table.shape
+    bg, nk, _ = key_points.shape
+    batch = bg // n_groups
+    # (Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2), flipped to grid_sample's (x, y) order
+    displacement = (query_points.flip(-1)[None, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
+    # (heads, Th, Tw) -> (B*G, heads/G, Th, Tw)
+    per_group = table.reshape(n_groups, heads // n_groups, th, tw)
+    per_group = per_group.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bg, heads // n_groups, th, tw)
+    bias = F.grid_sample(per_group, displacement, mode='bilinear', align_corners=True)  # (B*G, h/G, Nq, Nk)
+    return bias.reshape(batch, heads, bias.shape[-2], nk)
+
+
+def resize_relative_position_table(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
+    """Bicubically resize a relative position table to ``size`` (its spatial extent).
+
+    Accepts the Swin layout ``((2Wh-1)(2Ww-1), heads)`` (square source assumed) and the
+    deformable layout ``(heads, Th, Tw)``; returns the same layout at the new size.
+    """
+    if table.ndim == 2:
+        n, heads = table.shape
+        side = int(round(n ** 0.5))
+        if side * side != n:
+            raise ValueError(f'relative position table of {n} rows is not square; cannot resize it')
+        if (side, side) == tuple(size):
+            return table
+        planes = table.t().reshape(1, heads, side, side)
+        planes = F.interpolate(planes.float(), size=size, mode='bicubic', align_corners=False)
+        return planes.reshape(heads, -1).t().to(table.dtype)
+    if tuple(table.shape[1:]) == tuple(size):
+        return table
+    planes = F.interpolate(table[None].float(), size=size, mode='bicubic', align_corners=False)
+    return planes[0].to(table.dtype)
+
+
+def resize_fixed_position_bias(
+        table: torch.Tensor,
+        table_query_size: Tuple[int, int],
+        table_key_size: Tuple[int, int],
+        query_size: Tuple[int, int],
+        key_size: Tuple[int, int],
+) -> torch.Tensor:
+    """Resample a fixed (query x key) bias table to other grid sizes (bilinear, separably).
+
+    Args:
+        table: ``(heads, Hq0*Wq0, Hk0*Wk0)``.
+
+    Returns:
+        ``(heads, Hq*Wq, Hk*Wk)``.
+    """
+    heads = table.shape[0]
+    (hq0, wq0), (hk0, wk0) = table_query_size, table_key_size
+    (hq, wq), (hk, wk) = query_size, key_size
+    t = table.reshape(heads * hq0 * wq0, 1, hk0, wk0)
+    if (hk0, wk0) != (hk, wk):
+        t = F.interpolate(t, size=(hk, wk), mode='bilinear', align_corners=False)
+    # (heads, Nq0, Nk) -> (heads * Nk, 1, Hq0, Wq0)
+    t = t.reshape(heads, hq0 * wq0, hk * wk).transpose(1, 2).reshape(heads * hk * wk, 1, hq0, wq0)
+    if (hq0, wq0) != (hq, wq):
+        t = F.interpolate(t, size=(hq, wq), mode='bilinear', align_corners=False)
+    return t.reshape(heads, hk * wk, hq * wq).transpose(1, 2)

@@ -1,0 +1,77 @@
+"""Window partitioning for local and shift-window attention (Swin Transformer Sec. 3.2).
+
+Feature maps are channels-last, ``(B, H, W, C)``. Maps that are not a multiple of the
+window are padded at the bottom/right; :func:`window_region_mask` keeps the padding out of
+every real token's attention, so padding then cropping changes nothing for real tokens.
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ['pad_to_multiple', 'window_partition', 'window_region_mask']
+
+MASK_VALUE = -100.0  # the value the Swin and DAT releases add to masked logits
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: Tuple[int, int]) -> torch.Tensor:
+    """Zero-pad ``(B, H, W, C)`` at the bottom/right to multiples of ``multiple``."""
+    _, h, w, _ = x.shape
+    pad_h = (multiple[0] - h % multiple[0]) % multiple[0]
+    pad_w = (multiple[1] - w % multiple[1]) % multiple[1]
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    return x
+
+
+def window_partition(x: torch.Tensor, window_size: Tuple[int, int]) -> torch.Tensor:
+    """``(B, H, W, C) -> (B * nW, Wh * Ww, C)``; H and W must be multiples of the window."""
+    b, h, w, c = x.shape
+    wh, ww = window_size
+    x = x.view(b, h // wh, wh, w // ww, ww, c)  # (B, H/Wh, Wh, W/Ww, Ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+
+
+@functools.lru_cache(maxsize=64)
+def window_region_mask(
+        padded_size: Tuple[int, int],
+        valid_size: Tuple[int, int],
+        window_size: Tuple[int, int],
+        shift_size: Tuple[int, int],
+        device: torch.device,
+) -> Optional[torch.Tensor]:
+    """Additive attention mask for (shifted) windows over a padded map.
+
+    Two tokens of a window may attend to each other only when they come from the same
+    region of the cyclically shifted map (Swin Sec. 3.2) and are both real or both
+    padding. The mask is given in the shifted frame, where attention is computed.
+
+    Args:
+        padded_size: ``(Hp, Wp)``, multiples of the window.
+        valid_size: ``(H, W)`` of the unpadded map.
+        window_size: ``(Wh, Ww)``.
+        shift_size: ``(sh, sw)`` cyclic shift, ``(0, 0)`` for plain windows.
+        device: where to build the mask.
+
+    Returns:
+        ``(nW, Wh*Ww, Wh*Ww)`` mask of 0 and -100, or None when nothing needs masking.
+    """
+    (hp, wp), (h, w), (wh, ww), (sh, sw) = padded_size, valid_size, window_size, shift_size
+    if (hp, wp) == (h, w) and (sh, sw) == (0, 0):
+        return None
+    labels = torch.zeros(hp, wp, dtype=torch.long)
+    if sh or sw:
+        cnt = 0
+        for hs in (slice(0, -wh), slice(-wh, -sh if sh else None), slice(-sh, None) if sh else slice(0, 0)):
+            for ws in (slice(0, -ww), slice(-ww, -sw if sw else None), slice(-sw, None) if sw else slice(0, 0)):
+                labels[hs, ws] = cnt
+                cnt += 1
+    # a token of the shifted frame at (i, j) came from ((i + sh) % Hp, (j + sw) % Wp)
+    rows = (torch.arange(hp) + sh) % hp
+    cols = (torch.arange(wp) + sw) % wp
+    is_pad = (rows[:, None] >= h) | (cols[None, :] >= w)
+    labels = labels * 2 + is_pad.long()
+    windows = window_partition(labels[None, :, :, None], window_size).squeeze(-1)  # (nW, N)
+    mask = (windows[:, None, :] != windows[:, :, None]).float() * MASK_VALUE
+    return mask.to(device)

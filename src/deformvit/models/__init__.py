@@ -1,0 +1,2 @@
+"""Model families; importing this package registers them with timm."""
+from .dat import *  # noqa: F401,F403

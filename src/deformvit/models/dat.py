@@ -1,0 +1,1050 @@
+"""DAT: Vision Transformer with Deformable Attention.
+
+Xia, Pan, Song, Li and Huang, CVPR 2022. Paper sections implemented here:
+
+* Sec. 3.2, Eq. (6)-(9): deformable multi-head attention (:class:`DeformableAttention`) with
+  its offset network, offset groups, offset range factor and deformable relative position
+  bias.
+* Sec. 3.3, Fig. 3, Table 1: the four-stage pyramid of local / shift-window / deformable
+  blocks (:class:`DAT`) and the ``dat_tiny``, ``dat_small``, ``dat_base`` configurations.
+* Sec. 4.4, Table 6-7, Fig. 4 and Appendix A, Table 8: every ablation is a constructor
+  argument; ``docs/dat.md`` maps each table row to arguments.
+
+Feature maps are channels-last ``(B, H, W, C)`` inside the network; ``features_only`` and
+:meth:`DAT.forward_intermediates` return ``(B, C, H, W)``. Any input of at least
+``patch_size * 2 ** 3`` pixels per side works: maps are padded to the patch, window and
+downsampling grids and cropped back, and reference grids, shift masks and position biases are
+built for the actual size.
+
+Checkpoints of the official release (``{'model': state_dict}``) load through
+:func:`checkpoint_filter_fn`, which renames keys, drops derived buffers and resizes position
+tables.
+"""
+import math
+import os
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import ClassifierHead, DropPath, LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint_seq
+
+from ..checkpoint import load_state_dict_file
+from ..layers import (
+    Mlp,
+    attention,
+    deformable_relative_position_bias,
+    pad_to_multiple,
+    reference_points,
+    relative_position_index,
+    resize_fixed_position_bias,
+    resize_relative_position_table,
+    sample_bilinear,
+    window_partition,
+    window_region_mask,
+)
+
+__all__ = [
+    'DAT',
+    'DATBlock',
+    'DATStage',
+    'DeformableAttention',
+    'DeformableDetrAttention',
+    'SamplingPoints',
+    'SpatialReductionAttention',
+    'WindowAttention',
+    'checkpoint_filter_fn',
+]
+
+BLOCK_TYPES = {
+    'L': 'local window attention (Swin W-MSA)',
+    'S': 'shift-window attention (Swin SW-MSA)',
+    'D': 'deformable attention (DAT Sec. 3.2)',
+    'P': 'spatial-reduction attention (PVT SRA, DAT Table 6 row P)',
+    'M': 'Deformable-DETR attention with K keys per query (DAT Appendix A, Table 8)',
+}
+POSITION_BIASES = ('none', 'relative', 'fixed', 'dwconv')
+
+
+class SamplingPoints(NamedTuple):
+    """Deformed points of one deformable block, for visualisation (DAT Fig. 6).
+
+    ``points`` and ``reference`` are ``(B, G, Hk, Wk, 2)`` tensors of ``(y, x)`` in
+    ``[-1, 1]`` over the block's input map of ``feature_size``: ``points = reference +
+    offsets``. :meth:`to_pixels` maps them to input-image pixels.
+    """
+    stage: int
+    block: int
+    points: torch.Tensor
+    reference: torch.Tensor
+    feature_size: Tuple[int, int]
+    stride: int
+    align_corners: bool
+
+    def to_pixels(self, which: str = 'points') -> torch.Tensor:
+        """``points`` (or ``reference``) as ``(y, x)`` pixel coordinates of the input image."""
+        coords = getattr(self, which)
+        size = torch.tensor(self.feature_size, dtype=coords.dtype, device=coords.device)
+        if self.align_corners:
+            feature = (coords + 1) / 2 * (size - 1)
+        else:
+            feature = ((coords + 1) * size - 1) / 2
+        return (feature + 0.5) * self.stride - 0.5
+
+
+def _per_stage(value, num_stages: int, name: str) -> tuple:
+    """Broadcast a scalar to every stage or check a per-stage sequence's length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_stages:
+            raise ValueError(f'{name} has {len(value)} entries; expected one per stage ({num_stages})')
+        return tuple(value)
+    return (value,) * num_stages
+
+
+def _conv_out(size: int, kernel: int, stride: int) -> int:
+    """Output length of a convolution with ``padding = kernel // 2``."""
+    return (size + 2 * (kernel // 2) - kernel) // stride + 1
+
+
+class Stem(nn.Module):
+    """Patch embedding: ``k x k`` convolution with stride ``s`` and LayerNorm (DAT Fig. 3).
+
+    The paper's stem is a non-overlapping 4x4 / stride 4 convolution; ``overlapping=True``
+    gives the 7x7 / stride 4 convolutional patch embedding of Appendix B (DAT-T*).
+    Inputs are padded at the bottom/right to a multiple of the stride.
+    """
+
+    def __init__(self, in_chans: int, dim: int, patch_size: int = 4, overlapping: bool = False):
+        super().__init__()
+        self.patch_size = patch_size
+        if overlapping:
+            self.conv = nn.Conv2d(in_chans, dim, 2 * patch_size - 1, patch_size, patch_size - 1)
+        else:
+            self.conv = nn.Conv2d(in_chans, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        pad_h, pad_w = -h % self.patch_size, -w % self.patch_size
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        x = self.conv(x).permute(0, 2, 3, 1)  # (B, C, H/4, W/4) -> (B, H/4, W/4, C)
+        return self.norm(x)
+
+
+class Downsample(nn.Module):
+    """2x2 / stride-2 convolution without bias, then LayerNorm (DAT Sec. 3.3).
+
+    ``overlapping=True`` uses the 3x3 / stride-2 convolution of Appendix B. Odd sizes are
+    padded at the bottom/right.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int, overlapping: bool = False):
+        super().__init__()
+        if overlapping:
+            self.conv = nn.Conv2d(dim_in, dim_out, 3, 2, 1, bias=False)
+        else:
+            self.conv = nn.Conv2d(dim_in, dim_out, 2, 2, bias=False)
+        self.norm = nn.LayerNorm(dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
+        h, w = x.shape[-2:]
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, w % 2, 0, h % 2))
+        x = self.conv(x).permute(0, 2, 3, 1)  # (B, C', H/2, W/2) -> (B, H/2, W/2, C')
+        return self.norm(x)
+
+
+class WindowAttention(nn.Module):
+    """Local (W-MSA) or shift-window (SW-MSA) attention with relative position bias.
+
+    The blocks ``L`` and ``S`` of DAT Table 1 (from Swin Transformer Sec. 3.2). Maps that are
+    not a multiple of the window are padded and the padding is masked out; the shift is
+    ``ceil(window / 2)``, as in the DAT release.
+
+    Args:
+        dim: channels.
+        num_heads: attention heads.
+        window_size: window side (or ``(Wh, Ww)``).
+        shift: cyclically shift the map by half a window before partitioning.
+        attn_drop: dropout on attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            window_size: Union[int, Tuple[int, int]] = 7,
+            shift: bool = False,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.window_size = to_2tuple(window_size)
+        self.shift_size = tuple(math.ceil(w / 2) for w in self.window_size) if shift else (0, 0)
+        self.fused_attn = use_fused_attn()
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        wh, ww = self.window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * wh - 1) * (2 * ww - 1), num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(self.window_size), persistent=False)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def _relative_position_bias(self) -> torch.Tensor:
+        n = self.window_size[0] * self.window_size[1]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]  # (N*N, heads)
+        return bias.view(n, n, -1).permute(2, 0, 1)  # (heads, N, N)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        x = pad_to_multiple(x, self.window_size)
+        hp, wp = x.shape[1:3]
+        if self.shift_size != (0, 0):
+            x = torch.roll(x, shifts=(-self.shift_size[0], -self.shift_size[1]), dims=(1, 2))
+        (wh, ww), heads = self.window_size, self.num_heads
+        rows, cols = hp // wh, wp // ww
+        num_windows, n = rows * cols, wh * ww
+        # one copy partitions windows and splits heads:
+        # (B, Hp, Wp, 3C) -> (B, rows, Wh, cols, Ww, 3, heads, d) -> 3 x (B, nW*heads, N, d)
+        qkv = self.qkv(x).view(b, rows, wh, cols, ww, 3, heads, self.head_dim)
+        q, k, v = qkv.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, b, num_windows * heads, n, self.head_dim)
+        bias = self._relative_position_bias()  # (heads, N, N)
+        mask = window_region_mask((hp, wp), (h, w), self.window_size, self.shift_size, x.device)
+        if mask is None:
+            bias = bias.repeat(num_windows, 1, 1)  # (nW*heads, N, N)
+        else:
+            bias = (mask.to(bias.dtype)[:, None] + bias[None]).reshape(num_windows * heads, n, n)
+        out = attention(q, k, v, bias[None], self.attn_drop if self.training else 0., self.fused_attn)
+        # (B, rows, cols, heads, Wh, Ww, d) -> (B, rows, Wh, cols, Ww, heads, d) -> (B, Hp, Wp, C)
+        out = out.view(b, rows, cols, heads, wh, ww, self.head_dim).permute(0, 1, 4, 2, 5, 3, 6).reshape(b, hp, wp, c)
+        out = self.proj_drop(self.proj(out))
+        if self.shift_size != (0, 0):
+            out = torch.roll(out, shifts=self.shift_size, dims=(1, 2))
+        return out[:, :h, :w].contiguous() if (hp, wp) != (h, w) else out
+
+
+class OffsetNetwork(nn.Sequential):
+    """``theta_offset`` of DAT Fig. 2(b): depthwise ``k x k`` conv (stride ``r``), LayerNorm,
+    GELU and a 1x1 conv without bias to 2 channels ``(dy, dx)`` (DAT Sec. 3.2)."""
+
+    def __init__(self, channels: int, kernel_size: int, stride: int):
+        super().__init__()
+        self.conv_dw = nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels)
+        self.norm = LayerNorm2d(channels)
+        self.act = nn.GELU()
+        self.conv_proj = nn.Conv2d(channels, 2, 1, bias=False)
+
+
+class DeformableAttention(nn.Module):
+    """Deformable multi-head attention, DAT Sec. 3.2, Eq. (6)-(9).
+
+    Queries ``q = x W_q`` feed the offset network, which moves a uniform grid of
+    reference points ``p`` (one per ``r x r`` cell) by ``Delta p = s * tanh(theta(q))``;
+    keys and values are projected from the features bilinearly sampled at ``p + Delta p``
+    (Eq. (7)-(8)), shared by all queries and split into ``G`` offset groups. Attention logits
+    get the deformable relative position bias ``phi(B_hat; R)`` (Eq. (9)).
+
+    Args:
+        dim: channels ``C``.
+        num_heads: heads ``M``; a multiple of ``n_groups``.
+        n_groups: offset groups ``G`` (Table 1 "groups").
+        feature_size: map size the position tables are built for (the stage's size at the
+            model's ``img_size``); other sizes interpolate the tables.
+        offset_range_factor: ``s``. Offsets are ``s * tanh(.)`` key-grid cells / 2 on each side,
+            i.e. each point ranges over an ``s x s`` region (Sec. 3.2, Fig. 4); ``s = 0`` gives
+            zero offsets; None leaves offsets unbounded.
+        offset_kernel_size: ``k`` of the depthwise convolution (9/7/5/3 by stage).
+        offset_stride: ``r``, the reference grid's downsampling factor (``H_G = H / r``).
+        use_offsets: False samples at the reference points (Table 6 "Offsets ✗").
+        position_bias: ``'relative'`` (deformable relative bias, Eq. (9)), ``'fixed'``
+            (a learned bias per query-key pair), ``'dwconv'`` (depthwise 3x3 conv on ``q``
+            added to the output, as in CSWin) or ``'none'`` (Table 6 "Pos. Embed").
+        attn_drop: dropout on attention weights.
+        proj_drop: dropout after the output projection.
+        sample_align_corners: grid convention of the bilinear sampling (the release uses
+            True; see ``docs/dat.md``).
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            n_groups: int,
+            feature_size: Tuple[int, int],
+            offset_range_factor: Optional[float] = 2.,
+            offset_kernel_size: int = 5,
+            offset_stride: int = 1,
+            use_offsets: bool = True,
+            position_bias: str = 'relative',
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            sample_align_corners: bool = True,
+    ):
+        super().__init__()
+        if num_heads % n_groups:
+            raise ValueError(f'num_heads ({num_heads}) must be a multiple of n_groups ({n_groups})')
+        if position_bias not in POSITION_BIASES:
+            raise ValueError(f'position_bias {position_bias!r} is not one of {POSITION_BIASES}')
+        if offset_range_factor is not None and offset_range_factor < 0:
+            raise ValueError(f'offset_range_factor must be >= 0 or None, got {offset_range_factor}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.n_groups = n_groups
+        self.group_channels = dim // n_groups
+        self.feature_size = tuple(feature_size)
+        self.offset_range_factor = offset_range_factor
+        self.offset_kernel_size = offset_kernel_size
+        self.offset_stride = offset_stride
+        self.position_bias = position_bias
+        self.sample_align_corners = sample_align_corners
+        self.fused_attn = use_fused_attn()
+        self.attn_drop = attn_drop
+        self.record_sampling = False
+        self.last_sampling: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]] = None
+
+        self.proj_q = nn.Linear(dim, dim)
+        self.proj_k = nn.Linear(dim, dim)
+        self.proj_v = nn.Linear(dim, dim)
+        self.proj_out = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.offset_net = OffsetNetwork(self.group_channels, offset_kernel_size, offset_stride) if use_offsets else None
+
+        h, w = self.feature_size
+        if position_bias == 'relative':
+            self.rel_pos_table = nn.Parameter(torch.zeros(num_heads, 2 * h - 1, 2 * w - 1))
+            trunc_normal_(self.rel_pos_table, std=.01)
+        elif position_bias == 'fixed':
+            keys = self.key_grid_size(self.feature_size)
+            self.fixed_pos_bias = nn.Parameter(torch.zeros(num_heads, h * w, keys[0] * keys[1]))
+            trunc_normal_(self.fixed_pos_bias, std=.01)
+        elif position_bias == 'dwconv':
+            self.dwc_pe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def key_grid_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        """Reference grid ``H_G x W_G`` for a ``size`` query map."""
+        return tuple(_conv_out(s, self.offset_kernel_size, self.offset_stride) for s in size)
+
+    def sampling_points(self, q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Deformed points ``p + Delta p`` (Eq. (7)) and references ``p`` from the queries.
+
+        Args:
+            q: ``(B, H, W, C)`` projected queries.
+
+        Returns:
+            ``(points, reference)``: ``(B*G, Hk, Wk, 2)`` and ``(Hk, Wk, 2)``, ``(y, x)``.
+        """
+        b, h, w, _ = q.shape
+        hk, wk = self.key_grid_size((h, w))
+        reference = reference_points(hk, wk, q.device, q.dtype)
+        if self.offset_net is None:
+            return reference.expand(b * self.n_groups, hk, wk, 2), reference
+        # (B, H, W, C) -> (B*G, C/G, H, W) -> (B*G, 2, Hk, Wk) -> (B*G, Hk, Wk, 2)
+        q_groups = q.permute(0, 3, 1, 2).reshape(b * self.n_groups, self.group_channels, h, w)
+        offset = self.offset_net(q_groups).permute(0, 2, 3, 1)
+        if self.offset_range_factor is not None:
+            # s * tanh(.) in units of the key grid: 1/Hk, 1/Wk of the normalised range
+            offset_range = torch.tensor([1.0 / hk, 1.0 / wk], device=q.device, dtype=q.dtype)
+            offset = offset.tanh() * offset_range * self.offset_range_factor
+        return reference + offset, reference
+
+    def _fixed_bias(self, query_size: Tuple[int, int], key_size: Tuple[int, int]) -> torch.Tensor:
+        return resize_fixed_position_bias(
+            self.fixed_pos_bias, self.feature_size, self.key_grid_size(self.feature_size), query_size, key_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        q = self.proj_q(x)  # (B, H, W, C)
+        points, reference = self.sampling_points(q)
+        hk, wk = points.shape[1:3]
+        num_keys = hk * wk
+        if self.record_sampling:
+            self.last_sampling = (points.detach(), reference.detach(), (h, w))
+
+        # Eq. (7)-(8): (B, H, W, C) -> (B*G, C/G, H, W) sampled at (B*G, Hk, Wk) points
+        x_groups = x.permute(0, 3, 1, 2).reshape(b * self.n_groups, self.group_channels, h, w)
+        x_sampled = sample_bilinear(x_groups, points, self.sample_align_corners)  # (B*G, C/G, Hk, Wk)
+        x_sampled = x_sampled.reshape(b, c, num_keys).transpose(1, 2)  # (B, Ns, C)
+
+        # Eq. (6): (B, N, C) -> (B, heads, N, d)
+        k = self.proj_k(x_sampled).view(b, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
+        v = self.proj_v(x_sampled).view(b, num_keys, self.num_heads, self.head_dim).transpose(1, 2)
+        q_heads = q.reshape(b, h * w, self.num_heads, self.head_dim).transpose(1, 2)
+
+        bias = None
+        if self.position_bias == 'relative':
+            queries = reference_points(h, w, x.device, x.dtype).reshape(h * w, 2)
+            bias = deformable_relative_position_bias(
+                self.rel_pos_table, queries, points.reshape(b * self.n_groups, num_keys, 2), self.n_groups)
+        elif self.position_bias == 'fixed':
+            bias = self._fixed_bias((h, w), (hk, wk))[None]  # (1, heads, HW, Ns)
+
+        out = attention(q_heads, k, v, bias, self.attn_drop if self.training else 0., self.fused_attn)
+        out = out.transpose(1, 2).reshape(b, h, w, c)  # (B, heads, HW, d) -> (B, H, W, C)
+        if self.position_bias == 'dwconv':
+            out = out + self.dwc_pe(q.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.proj_drop(self.proj_out(out))
+
+
+class DeformableDetrAttention(nn.Module):
+    """Single-scale deformable attention of Deformable DETR, DAT Appendix A, Eq. (11).
+
+    Each query predicts ``K`` sampling offsets per head around its own location and their
+    weights ``A = softmax(W_att x)`` by linear projections (no query-key dot products):
+    ``z_q = sum_k A_qk W_v phi(x; p_q + Delta p_qk)``. The sampling offsets start as a
+    centred square grid of ``K`` points, one pixel apart.
+
+    Args:
+        dim: channels.
+        num_heads: heads ``M``.
+        num_points: keys per query ``K`` (Table 8 "#Key").
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_points: int, proj_drop: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.num_points = num_points
+        self.value_proj = nn.Linear(dim, dim)
+        self.sampling_offsets = nn.Linear(dim, num_heads * num_points * 2)
+        self.attention_weights = nn.Linear(dim, num_heads * num_points)
+        self.output_proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        side = math.ceil(math.sqrt(self.num_points))
+        steps = torch.arange(side, dtype=torch.float32) - (side - 1) / 2
+        grid_y, grid_x = torch.meshgrid(steps, steps, indexing='ij')
+        grid = torch.stack((grid_x, grid_y), dim=-1).reshape(-1, 2)[:self.num_points]  # (K, 2) as (dx, dy)
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.repeat(self.num_heads, 1).reshape(-1))
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        heads, points = self.num_heads, self.num_points
+        # (B, H, W, C) -> (B*heads, d, H, W)
+        value = self.value_proj(x).view(b, h, w, heads, self.head_dim).permute(0, 3, 4, 1, 2)
+        value = value.reshape(b * heads, self.head_dim, h, w)
+        # query locations in grid_sample's (x, y) coordinates, pixel centres
+        queries = reference_points(h, w, x.device, x.dtype).flip(-1).reshape(1, h * w, 1, 1, 2)
+        pixel = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=x.dtype)
+        offsets = self.sampling_offsets(x).view(b, h * w, heads, points, 2) * pixel
+        grid = (queries + offsets).permute(0, 2, 1, 3, 4).reshape(b * heads, h * w, points, 2)
+        sampled = F.grid_sample(value, grid, mode='bilinear', align_corners=False)  # (B*heads, d, HW, K)
+        weights = self.attention_weights(x).view(b, h * w, heads, points).softmax(-1)
+        weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, h * w, points)
+        out = (sampled * weights).sum(-1)  # (B*heads, d, HW)
+        out = out.view(b, heads * self.head_dim, h, w).permute(0, 2, 3, 1)  # -> (B, H, W, C)
+        return self.proj_drop(self.output_proj(out))
+
+
+class SpatialReductionAttention(nn.Module):
+    """Spatial-reduction attention of PVT (Sec. 3.3 of PVT), DAT Table 6 row "P".
+
+    Keys and values come from the map reduced by an ``R x R`` / stride ``R`` convolution and
+    LayerNorm; sizes that are not multiples of ``R`` are floored, as in PVT.
+
+    Args:
+        dim: channels.
+        num_heads: heads.
+        sr_ratio: reduction ratio ``R`` (1: no reduction).
+        attn_drop: dropout on attention weights.
+        proj_drop: dropout after the output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.fused_attn = use_fused_attn()
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+        else:
+            self.sr = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        q = self.q(x).reshape(b, h * w, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, HW, d)
+        if self.sr is not None:
+            x = self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # (B, H/R, W/R, C)
+        kv = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        out = attention(q, kv[0], kv[1], None, self.attn_drop if self.training else 0., self.fused_attn)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, h, w, c)))
+
+
+class DATBlock(nn.Module):
+    """Transformer block of DAT Eq. (4)-(5): pre-norm attention and MLP with residuals.
+
+    Args:
+        dim: channels.
+        attn: the attention module (any of the block types of :data:`BLOCK_TYPES`).
+        mlp_ratio: hidden width of the MLP relative to ``dim``.
+        proj_drop: dropout in the MLP.
+        drop_path: stochastic depth rate.
+    """
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4., proj_drop: float = 0., drop_path: float = 0.):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            x = x + self.drop_path1(self.attn(self.norm1(x)))
+            return x + self.drop_path2(self.mlp(self.norm2(x)))
+        # inference: add the residual into the freshly computed branch instead of a new tensor
+        x = self.drop_path1(self.attn(self.norm1(x))).add_(x)
+        return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+
+
+class DATStage(nn.Module):
+    """One pyramid stage: optional downsampling, then blocks as listed by ``spec``.
+
+    Args:
+        dim_in: channels entering the stage.
+        dim: channels of the stage.
+        spec: one letter per block, see :data:`BLOCK_TYPES` (e.g. ``'LDLDLD'``).
+        downsample: start with a stride-2 :class:`Downsample` (stages 2-4).
+        overlapping_downsample: 3x3 downsampling convolution (Appendix B).
+        num_heads, window_size, n_groups, feature_size, offset_range_factor,
+        offset_kernel_size, offset_stride, use_offsets, position_bias: see
+            :class:`WindowAttention` and :class:`DeformableAttention`.
+        ddetr_points: keys per query of ``'M'`` blocks.
+        sr_ratio: reduction ratio of ``'P'`` blocks.
+        mlp_ratio, proj_drop, attn_drop: block settings.
+        drop_path: one stochastic depth rate per block.
+    """
+
+    def __init__(
+            self,
+            dim_in: int,
+            dim: int,
+            spec: str,
+            downsample: bool,
+            overlapping_downsample: bool,
+            num_heads: int,
+            window_size: int,
+            n_groups: int,
+            feature_size: Tuple[int, int],
+            offset_range_factor: Optional[float],
+            offset_kernel_size: int,
+            offset_stride: int,
+            use_offsets: bool,
+            position_bias: str,
+            ddetr_points: int,
+            sr_ratio: int,
+            mlp_ratio: float,
+            proj_drop: float,
+            attn_drop: float,
+            drop_path: Sequence[float],
+    ):
+        super().__init__()
+        self.grad_checkpointing = False
+        self.downsample = Downsample(dim_in, dim, overlapping_downsample) if downsample else nn.Identity()
+
+        def make_attention(kind: str) -> nn.Module:
+            if kind in 'LS':
+                return WindowAttention(dim, num_heads, window_size, kind == 'S', attn_drop, proj_drop)
+            if kind == 'D':
+                return DeformableAttention(
+                    dim, num_heads, n_groups, feature_size, offset_range_factor, offset_kernel_size,
+                    offset_stride, use_offsets, position_bias, attn_drop, proj_drop)
+            if kind == 'P':
+                return SpatialReductionAttention(dim, num_heads, sr_ratio, attn_drop, proj_drop)
+            return DeformableDetrAttention(dim, num_heads, ddetr_points, proj_drop)
+
+        self.blocks = nn.Sequential(*[
+            DATBlock(dim, make_attention(kind), mlp_ratio, proj_drop, drop_path[i]) for i, kind in enumerate(spec)
+        ])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.downsample(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.blocks, x)
+        return self.blocks(x)
+
+
+class DAT(nn.Module):
+    """Deformable Attention Transformer (DAT Sec. 3.3, Fig. 3, Table 1).
+
+    Args:
+        img_size: input size the position tables are built for (other sizes interpolate).
+        in_chans: input channels.
+        num_classes: classifier outputs (0: no classifier).
+        global_pool: classifier pooling, ``'avg'`` (the paper's) or any timm pool type.
+        embed_dims: channels ``C`` of the four stages.
+        depths: blocks per stage (``2 N_i`` of Table 1).
+        num_heads: heads per stage.
+        stage_spec: one string per stage, a letter per block (:data:`BLOCK_TYPES`);
+            overrides ``deformable_stages``. E.g. Table 6 row P is
+            ``('PP', 'PP', 'LDLDLD', 'LD')``.
+        deformable_stages: stages (0-based) made of alternating local and deformable blocks;
+            the others alternate local and shift-window blocks (Table 7).
+        window_size: local-attention window, scalar or per stage.
+        groups: offset groups ``G`` per stage.
+        offset_range_factor: ``s`` (Fig. 4), scalar or per stage; None: unbounded offsets.
+        offset_kernel_size: offset network kernel per stage (9/7/5/3 in the release).
+        offset_stride: reference grid factor ``r``, scalar or per stage.
+        use_offsets: deformable offsets on/off (Table 6 "Offsets").
+        position_bias: ``'relative'`` / ``'fixed'`` / ``'dwconv'`` / ``'none'`` (Table 6).
+        ddetr_points: keys per query of Deformable-DETR blocks ``'M'``, scalar or per stage
+            (Table 8).
+        sr_ratios: spatial-reduction ratios of PVT blocks ``'P'`` per stage.
+        mlp_ratio: MLP expansion.
+        patch_size: stem stride.
+        conv_patch_embed: overlapping convolutional stem and downsampling (Appendix B, DAT-T*).
+        sample_align_corners: grid convention of deformable sampling (see ``docs/dat.md``).
+        drop_rate: dropout before the classifier.
+        proj_drop_rate: dropout after projections and in MLPs.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, ramped linearly over all blocks.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            global_pool: str = 'avg',
+            embed_dims: Sequence[int] = (96, 192, 384, 768),
+            depths: Sequence[int] = (2, 2, 6, 2),
+            num_heads: Sequence[int] = (3, 6, 12, 24),
+            stage_spec: Optional[Sequence[str]] = None,
+            deformable_stages: Sequence[int] = (2, 3),
+            window_size: Union[int, Sequence[int]] = 7,
+            groups: Sequence[int] = (1, 2, 3, 6),
+            offset_range_factor: Union[Optional[float], Sequence[Optional[float]]] = 2.,
+            offset_kernel_size: Sequence[int] = (9, 7, 5, 3),
+            offset_stride: Union[int, Sequence[int]] = (4, 2, 1, 1),
+            use_offsets: bool = True,
+            position_bias: str = 'relative',
+            ddetr_points: Union[int, Sequence[int]] = 16,
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            mlp_ratio: float = 4.,
+            patch_size: int = 4,
+            conv_patch_embed: bool = False,
+            sample_align_corners: bool = True,
+            drop_rate: float = 0.,
+            proj_drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+    ):
+        super().__init__()
+        num_stages = len(embed_dims)
+        if stage_spec is None:
+            stage_spec = [('LD' if i in deformable_stages else 'LS') * depths[i] for i in range(num_stages)]
+            stage_spec = [spec[:depths[i]] for i, spec in enumerate(stage_spec)]
+        stage_spec = [''.join(spec) for spec in _per_stage(list(stage_spec), num_stages, 'stage_spec')]
+        for spec in stage_spec:
+            unknown = set(spec) - set(BLOCK_TYPES)
+            if unknown or not spec:
+                raise ValueError(f'stage_spec entry {spec!r} must be a non-empty string of {sorted(BLOCK_TYPES)}')
+        if position_bias not in POSITION_BIASES:
+            raise ValueError(f'position_bias {position_bias!r} is not one of {POSITION_BIASES}')
+        for name, seq in (('depths', depths), ('num_heads', num_heads), ('groups', groups)):
+            _per_stage(list(seq), num_stages, name)
+        for dim, heads, n_groups in zip(embed_dims, num_heads, groups):
+            if dim % heads or heads % n_groups:
+                raise ValueError(f'stage of {dim} channels, {heads} heads, {n_groups} groups: '
+                                 'channels must divide by heads and heads by groups')
+        img_size = to_2tuple(img_size)
+        window_size = _per_stage(window_size, num_stages, 'window_size')
+        offset_range_factor = _per_stage(offset_range_factor, num_stages, 'offset_range_factor')
+        offset_stride = _per_stage(offset_stride, num_stages, 'offset_stride')
+        ddetr_points = _per_stage(ddetr_points, num_stages, 'ddetr_points')
+        sr_ratios = _per_stage(list(sr_ratios), num_stages, 'sr_ratios')
+        offset_kernel_size = _per_stage(list(offset_kernel_size), num_stages, 'offset_kernel_size')
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.stage_spec = tuple(stage_spec)
+        self.min_input_size = patch_size * 2 ** (num_stages - 1)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.stem = Stem(in_chans, embed_dims[0], patch_size, conv_patch_embed)
+
+        total_blocks = sum(len(spec) for spec in stage_spec)
+        dpr = [rate.tolist() for rate in torch.linspace(0, drop_path_rate, total_blocks).split([len(s) for s in stage_spec])]
+        self.feature_info = []
+        stages = []
+        feature_size = [math.ceil(s / patch_size) for s in img_size]
+        for i in range(num_stages):
+            if i > 0:
+                feature_size = [math.ceil(s / 2) for s in feature_size]
+            stages.append(DATStage(
+                dim_in=embed_dims[max(i - 1, 0)],
+                dim=embed_dims[i],
+                spec=stage_spec[i],
+                downsample=i > 0,
+                overlapping_downsample=conv_patch_embed,
+                num_heads=num_heads[i],
+                window_size=window_size[i],
+                n_groups=groups[i],
+                feature_size=tuple(feature_size),
+                offset_range_factor=offset_range_factor[i],
+                offset_kernel_size=offset_kernel_size[i],
+                offset_stride=offset_stride[i],
+                use_offsets=use_offsets,
+                position_bias=position_bias,
+                ddetr_points=ddetr_points[i],
+                sr_ratio=sr_ratios[i],
+                mlp_ratio=mlp_ratio,
+                proj_drop=proj_drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=dpr[i],
+            ))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+        for module in self.modules():
+            if isinstance(module, DeformableAttention):
+                module.sample_align_corners = sample_align_corners
+
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(
+            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, DeformableDetrAttention):
+            module.reset_parameters()
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        tables = ('relative_position_bias_table', 'rel_pos_table', 'fixed_pos_bias')
+        return {name for name, _ in self.named_parameters() if name.rsplit('.', 1)[-1] in tables}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def deformable_blocks(self) -> List[Tuple[int, int, DeformableAttention]]:
+        """``(stage, block, attention)`` for every deformable attention module."""
+        return [
+            (i, j, block.attn)
+            for i, stage in enumerate(self.stages)
+            for j, block in enumerate(stage.blocks)
+            if isinstance(block.attn, DeformableAttention)
+        ]
+
+    @torch.no_grad()
+    def forward_sampling_points(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[SamplingPoints]]:
+        """Classify ``x`` and return the deformed points of every deformable block.
+
+        Returns:
+            ``(logits, points)``, one :class:`SamplingPoints` per deformable block in
+            network order; each holds ``(B, G, Hk, Wk, 2)`` points and references.
+        """
+        blocks = self.deformable_blocks()
+        for _, _, attn in blocks:
+            attn.record_sampling = True
+        try:
+            logits = self(x)
+            records = []
+            for stage, block, attn in blocks:
+                points, reference, feature_size = attn.last_sampling
+                b, hk, wk = x.shape[0], points.shape[1], points.shape[2]
+                records.append(SamplingPoints(
+                    stage, block,
+                    points.reshape(b, attn.n_groups, hk, wk, 2),
+                    reference.expand(b, attn.n_groups, hk, wk, 2),
+                    feature_size,
+                    self.feature_info[stage]['reduction'],
+                    attn.sample_align_corners))
+        finally:
+            for _, _, attn in blocks:
+                attn.record_sampling = False
+                attn.last_sampling = None
+        return logits, records
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f'expected a 4-D (batch, channels, height, width) image tensor, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+        h, w = x.shape[-2:]
+        if h < self.min_input_size or w < self.min_input_size:
+            raise ValueError(
+                f'input {h}x{w} is smaller than the {self.min_input_size}x{self.min_input_size} minimum of this '
+                f'model (patch {self.stem.patch_size} x {len(self.stages) - 1} downsamplings)')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning stage outputs (timm's ``forward_intermediates`` contract).
+
+        Args:
+            x: ``(B, C, H, W)`` images.
+            indices: last ``n`` stages if int, all if None, else the listed stages.
+            norm: apply the final norm to the last stage's output.
+            stop_early: skip stages after the last requested one.
+            output_fmt: ``'NCHW'`` or ``'NHWC'``.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        last = len(self.stages) - 1
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feat = self.norm(x) if norm and i == last else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop stages (and head/norm) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` images -> normalised last-stage map ``(B, H/32, W/32, C)``."""
+        self._check_input(x)
+        x = self.stages(self.stem(x))
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def load_pretrained(self, checkpoint_path: str, weights_only: bool = True) -> None:
+        """Load an official DAT release file or a deformvit file (``.pth`` / ``.safetensors``).
+
+        Called by ``timm.create_model(name, pretrained=True,
+        pretrained_cfg_overlay=dict(file=PATH))``. The classifier is kept only when its
+        shape matches; the stem is adapted when ``in_chans`` differs.
+        """
+        state_dict = checkpoint_filter_fn(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
+        if self.in_chans != 3 and 'stem.conv.weight' in state_dict:
+            from timm.models._manipulate import adapt_input_conv
+            state_dict['stem.conv.weight'] = adapt_input_conv(self.in_chans, state_dict['stem.conv.weight'])
+        own = self.state_dict()
+        head_keys = [k for k in ('head.fc.weight', 'head.fc.bias') if k in state_dict]
+        if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
+            for k in head_keys:
+                state_dict.pop(k)
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith('head.')]
+        if missing or unexpected:
+            raise RuntimeError(
+                f'{os.fspath(checkpoint_path)} does not fit this model: missing {missing[:8]}'
+                f'{"..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}{"..." if len(unexpected) > 8 else ""}')
+
+
+def _official_key(key: str) -> Optional[str]:
+    """Map one key of the official release layout to ours (None: derived buffer, dropped)."""
+    parts = key.split('.')
+    if parts[-1] in ('relative_position_index', 'attn_mask', 'reference', 'q_grid'):
+        return None
+    if parts[0] == 'patch_proj':
+        return ('stem.conv.' if parts[1] == '0' else 'stem.norm.') + parts[-1]
+    if parts[0] == 'down_projs':
+        stage = int(parts[1]) + 1
+        return f'stages.{stage}.downsample.' + ('conv.' if parts[2] == '0' else 'norm.') + parts[-1]
+    if parts[0] == 'cls_norm':
+        return 'norm.' + parts[-1]
+    if parts[0] == 'cls_head':
+        return 'head.fc.' + parts[-1]
+    if parts[0] != 'stages':
+        return key
+    stage, kind, index, rest = parts[1], parts[2], int(parts[3]), parts[4:]
+    if kind == 'layer_norms':
+        return f'stages.{stage}.blocks.{index // 2}.norm{index % 2 + 1}.{rest[-1]}'
+    if kind == 'mlps':
+        fc = {'linear1': 'fc1', 'linear2': 'fc2'}[rest[-2]]
+        return f'stages.{stage}.blocks.{index}.mlp.{fc}.{rest[-1]}'
+    if kind == 'attns':
+        prefix = f'stages.{stage}.blocks.{index}.attn.'
+        if rest[0] == 'conv_offset':
+            layer = {'0': 'conv_dw', '1': 'norm', '3': 'conv_proj'}[rest[1]]
+            return prefix + f'offset_net.{layer}.{rest[-1]}'
+        if rest[0] == 'proj_qkv':
+            return prefix + 'qkv.' + rest[-1]
+        return prefix + '.'.join(rest)  # proj_q/k/v/out, position tables: resolved by the caller
+    return key
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dict[str, torch.Tensor]:
+    """Convert an official DAT release state dict (or ours) to this model's layout.
+
+    Unwraps ``'model'`` / ``'state_dict'``, drops derived buffers (relative position
+    indices, attention masks), renames keys, turns 1x1-conv projections into linear weights
+    and resizes position tables to the model's sizes.
+    """
+    for wrapper in ('model', 'state_dict', 'model_ema'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
+            state_dict = state_dict[wrapper]
+            break
+    own = model.state_dict()
+    official = 'patch_proj.0.weight' in state_dict or 'cls_head.weight' in state_dict
+    out = {}
+    for key, value in state_dict.items():
+        if official:
+            key = _official_key(key)
+            if key is None:
+                continue
+            prefix, name = key.rsplit('.', 1)
+            if prefix.endswith('.proj_out') and prefix[:-len('proj_out')] + 'proj.weight' in own:
+                key = prefix[:-len('proj_out')] + 'proj.' + name  # window attention's output projection
+            elif prefix.endswith('.rpe_table'):  # depthwise-conv position encoding
+                key = prefix[:-len('rpe_table')] + 'dwc_pe.' + name
+            elif name == 'rpe_table':
+                targets = [prefix + '.' + t for t in ('rel_pos_table', 'fixed_pos_bias')]
+                key = next((t for t in targets if t in own), key)
+        elif key.endswith(('relative_position_index', 'attn_mask')):
+            continue
+        if key in own:
+            target = own[key]
+            if key.endswith('relative_position_bias_table') and value.shape != target.shape:
+                side = int(round(target.shape[0] ** 0.5))
+                value = resize_relative_position_table(value, (side, side))
+            elif key.endswith('rel_pos_table') and value.shape != target.shape:
+                value = resize_relative_position_table(value, tuple(target.shape[1:]))
+            elif value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):
+                value = value.flatten(1)  # 1x1 conv (C_out, C_in, 1, 1) -> linear (C_out, C_in)
+        out[key] = value
+    return out
+
+
+def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if pretrained and not overlay.get('file') and not overlay.get('state_dict'):
+        raise ValueError(
+            f'{variant}: no weights are bundled; pass the path of an official DAT release file or a '
+            f"converted .safetensors file: timm.create_model('{variant}', pretrained=True, "
+            "pretrained_cfg_overlay=dict(file=PATH))")
+    if overlay.get('file'):
+        overlay.setdefault('custom_load', True)  # read by DAT.load_pretrained (release or deformvit layout)
+    return build_model_with_cfg(
+        DAT, variant, pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        pretrained_cfg_overlay=overlay,
+        **kwargs)
+
+
+def _cfg(**kwargs) -> Dict:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'stem.conv', 'classifier': 'head.fc',
+        'license': 'apache-2.0', 'paper_ids': 'arXiv:2201.00520',
+        'paper_name': 'Vision Transformer with Deformable Attention', **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'dat_tiny.in1k': _cfg(),
+    'dat_small.in1k': _cfg(),
+    'dat_base.in1k': _cfg(),
+    'dat_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+})
+
+
+@register_model
+def dat_tiny(pretrained: bool = False, **kwargs) -> DAT:
+    """DAT-T of Table 1: 28.3M parameters, 4.6 GMACs at 224 (Table 2, 6)."""
+    model_args = dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), groups=(1, 2, 3, 6))
+    return _create_dat('dat_tiny', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dat_small(pretrained: bool = False, **kwargs) -> DAT:
+    """DAT-S of Table 1: 50M parameters, 9.0 GMACs at 224 (Table 2)."""
+    model_args = dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), groups=(1, 2, 3, 6))
+    return _create_dat('dat_small', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dat_base(pretrained: bool = False, **kwargs) -> DAT:
+    """DAT-B of Table 1: 88M parameters, 15.8 GMACs at 224 (Table 2)."""
+    model_args = dict(embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), groups=(1, 2, 4, 8))
+    return _create_dat('dat_base', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def dat_base_384(pretrained: bool = False, **kwargs) -> DAT:
+    """DAT-B fine-tuned at 384 with window 12: 88M parameters, 49.8 GMACs (Table 2)."""
+    model_args = dict(
+        img_size=384, embed_dims=(128, 256, 512, 1024), depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
+        groups=(1, 2, 4, 8), window_size=12)
+    return _create_dat('dat_base_384', pretrained=pretrained, **dict(model_args, **kwargs))

@@ -1,0 +1,46 @@
+"""The command line and the demo job."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deformvit.cli import main
+
+
+def test_demo_classifies_a_real_photo_and_prints_features_and_points(capsys):
+    main(['demo'])
+    out = capsys.readouterr().out
+    assert 'chelsea' in out and 'top-5 classes' in out
+    for shape in ('(1, 96, 56, 56)', '(1, 192, 28, 28)', '(1, 384, 14, 14)', '(1, 768, 7, 7)'):
+        assert shape in out
+    assert 'deformable block stages.3.blocks.1: 6 offset groups x 7x7' in out
+
+
+def test_demo_accepts_an_image_file(tmp_path, capsys):
+    from PIL import Image
+    path = tmp_path / 'photo.png'
+    Image.fromarray((torch.rand(90, 130, 3) * 255).byte().numpy()).save(path)
+    main(['demo', '--image', str(path)])
+    assert '130x90' in capsys.readouterr().out
+
+
+def test_count_prints_paper_numbers(capsys):
+    main(['count', 'dat_tiny'])
+    assert capsys.readouterr().out.strip() == 'dat_tiny: 28.32M parameters, 4.59 GMACs at 224x224'
+
+
+def test_convert_reports_errors_without_traceback(tmp_path):
+    src = tmp_path / 'missing.pth'
+    result = subprocess.run([sys.executable, '-m', 'deformvit.cli', 'convert', str(src), str(tmp_path / 'o.st')],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and 'no checkpoint file' in result.stderr and 'Traceback' not in result.stderr
+    torch.save({'model': {'foo.weight': torch.zeros(2)}}, src)
+    result = subprocess.run([sys.executable, '-m', 'deformvit.cli', 'convert', str(src), str(tmp_path / 'o.st')],
+                            capture_output=True, text=True)
+    assert 'not a DAT state dict' in result.stderr and not (tmp_path / 'o.st').exists()
+
+
+def test_unknown_command_exits_with_usage():
+    with pytest.raises(SystemExit):
+        main(['frobnicate'])
