@@ -2,7 +2,8 @@
 
 Parameter names (``fc1``, ``fc2``) follow timm's ``Mlp``. When no gradient is needed the
 GELU runs in place on the hidden activations, which saves allocating the block's largest
-tensor (4x the channels) once per block.
+tensor (4x the channels) once per block; it does not when ``fc1`` carries forward hooks,
+which then see the pre-activation values they expect.
 """
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.fc1(x)
-        if x.requires_grad or torch.onnx.is_in_onnx_export():
+        if x.requires_grad or self.fc1._forward_hooks or torch.onnx.is_in_onnx_export():
             x = self.act(x)
         else:
             x = torch.ops.aten.gelu_(x)

@@ -59,6 +59,7 @@ def deformable_relative_position_bias(
     batch = bg // n_groups
     # (Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2), flipped to grid_sample's (x, y) order
     displacement = (query_points.flip(-1)[None, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
+    displacement = displacement.to(table.dtype)
     # (heads, Th, Tw) -> (B*G, heads/G, Th, Tw)
     per_group = table.reshape(n_groups, heads // n_groups, th, tw)
     per_group = per_group.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bg, heads // n_groups, th, tw)

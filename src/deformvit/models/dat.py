@@ -341,19 +341,20 @@ class DeformableAttention(nn.Module):
             q: ``(B, H, W, C)`` projected queries.
 
         Returns:
-            ``(points, reference)``: ``(B*G, Hk, Wk, 2)`` and ``(Hk, Wk, 2)``, ``(y, x)``.
+            ``(points, reference)``: ``(B*G, Hk, Wk, 2)`` and ``(Hk, Wk, 2)``, ``(y, x)``, in
+            float32 whatever the compute precision, so that positions stay exact under AMP.
         """
         b, h, w, _ = q.shape
         hk, wk = self.key_grid_size((h, w))
-        reference = reference_points(hk, wk, q.device, q.dtype)
+        reference = reference_points(hk, wk, q.device)
         if self.offset_net is None:
             return reference.expand(b * self.n_groups, hk, wk, 2), reference
         # (B, H, W, C) -> (B*G, C/G, H, W) -> (B*G, 2, Hk, Wk) -> (B*G, Hk, Wk, 2)
         q_groups = q.permute(0, 3, 1, 2).reshape(b * self.n_groups, self.group_channels, h, w)
-        offset = self.offset_net(q_groups).permute(0, 2, 3, 1)
+        offset = self.offset_net(q_groups).permute(0, 2, 3, 1).float()
         if self.offset_range_factor is not None:
             # s * tanh(.) in units of the key grid: 1/Hk, 1/Wk of the normalised range
-            offset_range = torch.tensor([1.0 / hk, 1.0 / wk], device=q.device, dtype=q.dtype)
+            offset_range = torch.tensor([1.0 / hk, 1.0 / wk], device=q.device)
             offset = offset.tanh() * offset_range * self.offset_range_factor
         return reference + offset, reference
 
@@ -372,7 +373,7 @@ class DeformableAttention(nn.Module):
 
         # Eq. (7)-(8): (B, H, W, C) -> (B*G, C/G, H, W) sampled at (B*G, Hk, Wk) points
         x_groups = x.permute(0, 3, 1, 2).reshape(b * self.n_groups, self.group_channels, h, w)
-        x_sampled = sample_bilinear(x_groups, points, self.sample_align_corners)  # (B*G, C/G, Hk, Wk)
+        x_sampled = sample_bilinear(x_groups, points.to(x.dtype), self.sample_align_corners)  # (B*G, C/G, Hk, Wk)
         x_sampled = x_sampled.reshape(b, c, num_keys).transpose(1, 2)  # (B, Ns, C)
 
         # Eq. (6): (B, N, C) -> (B, heads, N, d)
@@ -382,11 +383,12 @@ class DeformableAttention(nn.Module):
 
         bias = None
         if self.position_bias == 'relative':
-            queries = reference_points(h, w, x.device, x.dtype).reshape(h * w, 2)
+            queries = reference_points(h, w, x.device).reshape(h * w, 2)
             bias = deformable_relative_position_bias(
                 self.rel_pos_table, queries, points.reshape(b * self.n_groups, num_keys, 2), self.n_groups)
+            bias = bias.to(q_heads.dtype)
         elif self.position_bias == 'fixed':
-            bias = self._fixed_bias((h, w), (hk, wk))[None]  # (1, heads, HW, Ns)
+            bias = self._fixed_bias((h, w), (hk, wk))[None].to(q_heads.dtype)  # (1, heads, HW, Ns)
 
         out = attention(q_heads, k, v, bias, self.attn_drop if self.training else 0., self.fused_attn)
         out = out.transpose(1, 2).reshape(b, h, w, c)  # (B, heads, HW, d) -> (B, H, W, C)
@@ -513,12 +515,8 @@ class DATBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            x = x + self.drop_path1(self.attn(self.norm1(x)))
-            return x + self.drop_path2(self.mlp(self.norm2(x)))
-        # inference: add the residual into the freshly computed branch instead of a new tensor
-        x = self.drop_path1(self.attn(self.norm1(x))).add_(x)
-        return self.drop_path2(self.mlp(self.norm2(x))).add_(x)
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
 class DATStage(nn.Module):
@@ -535,6 +533,7 @@ class DATStage(nn.Module):
             :class:`WindowAttention` and :class:`DeformableAttention`.
         ddetr_points: keys per query of ``'M'`` blocks.
         sr_ratio: reduction ratio of ``'P'`` blocks.
+        sample_align_corners: grid convention of ``'D'`` blocks' sampling.
         mlp_ratio, proj_drop, attn_drop: block settings.
         drop_path: one stochastic depth rate per block.
     """
@@ -557,6 +556,7 @@ class DATStage(nn.Module):
             position_bias: str,
             ddetr_points: int,
             sr_ratio: int,
+            sample_align_corners: bool,
             mlp_ratio: float,
             proj_drop: float,
             attn_drop: float,
@@ -572,7 +572,7 @@ class DATStage(nn.Module):
             if kind == 'D':
                 return DeformableAttention(
                     dim, num_heads, n_groups, feature_size, offset_range_factor, offset_kernel_size,
-                    offset_stride, use_offsets, position_bias, attn_drop, proj_drop)
+                    offset_stride, use_offsets, position_bias, attn_drop, proj_drop, sample_align_corners)
             if kind == 'P':
                 return SpatialReductionAttention(dim, num_heads, sr_ratio, attn_drop, proj_drop)
             return DeformableDetrAttention(dim, num_heads, ddetr_points, proj_drop)
@@ -712,6 +712,7 @@ class DAT(nn.Module):
                 position_bias=position_bias,
                 ddetr_points=ddetr_points[i],
                 sr_ratio=sr_ratios[i],
+                sample_align_corners=sample_align_corners,
                 mlp_ratio=mlp_ratio,
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
@@ -719,9 +720,6 @@ class DAT(nn.Module):
             ))
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
         self.stages = nn.Sequential(*stages)
-        for module in self.modules():
-            if isinstance(module, DeformableAttention):
-                module.sample_align_corners = sample_align_corners
 
         self.norm = nn.LayerNorm(self.num_features)
         self.head = ClassifierHead(
