@@ -119,7 +119,11 @@ def test_checkpoint_with_pickled_objects_is_refused_with_instructions(mini, tmp_
     assert out.exists()
 
 
-def test_corrupt_and_missing_files_raise_clear_errors(tmp_path):
+def test_corrupt_and_missing_files_raise_clear_errors(mini, tmp_path):
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(mini[0].read_bytes()[:100_000])
+    with pytest.raises(ValueError, match='not a readable PyTorch checkpoint'):
+        timm.create_model('dat_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(truncated)))
     broken = tmp_path / 'broken.pth'
     broken.write_bytes(b'not a checkpoint at all')
     with pytest.raises(ValueError, match='not a readable PyTorch checkpoint'):

@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ['UnsafeCheckpointError', 'load_state_dict_file', 'save_safetensors']
+__all__ = ['UnsafeCheckpointError', 'load_state_dict_file', 'save_safetensors', 'unwrap_state_dict']
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -58,6 +58,14 @@ def load_state_dict_file(path: str, weights_only: bool = True) -> Dict[str, torc
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}') from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}') from err
+
+
+def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:
+    """The state dict inside a checkpoint (``'model'``, ``'state_dict'`` or ``'model_ema'``)."""
+    for wrapper in ('model', 'state_dict', 'model_ema'):
+        if isinstance(checkpoint.get(wrapper), dict):
+            return checkpoint[wrapper]
+    return checkpoint
 
 
 def _unsafe_globals(path: str) -> list:

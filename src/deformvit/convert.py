@@ -5,7 +5,7 @@ from typing import Dict, Optional
 import timm
 import torch
 
-from .checkpoint import load_state_dict_file, save_safetensors
+from .checkpoint import load_state_dict_file, save_safetensors, unwrap_state_dict
 from .models.dat import checkpoint_filter_fn
 
 __all__ = ['convert_checkpoint', 'infer_dat_variant']
@@ -19,13 +19,6 @@ _VARIANTS = {
 }
 
 
-def _unwrap(state_dict: Dict) -> Dict[str, torch.Tensor]:
-    for wrapper in ('model', 'state_dict', 'model_ema'):
-        if isinstance(state_dict.get(wrapper), dict):
-            return state_dict[wrapper]
-    return state_dict
-
-
 def infer_dat_variant(state_dict: Dict[str, torch.Tensor]) -> str:
     """Name of the released DAT model a state dict (official or ours) belongs to.
 
@@ -33,7 +26,7 @@ def infer_dat_variant(state_dict: Dict[str, torch.Tensor]) -> str:
         ValueError: the layout matches none of ``dat_tiny``, ``dat_small``, ``dat_base``,
             ``dat_base_384``.
     """
-    state_dict = _unwrap(state_dict)
+    state_dict = unwrap_state_dict(state_dict)
     if 'patch_proj.0.weight' in state_dict:  # official layout
         stem = state_dict['patch_proj.0.weight'].shape[0]
         depth = len({k.split('.')[3] for k in state_dict if k.startswith('stages.2.attns.')})
@@ -76,7 +69,7 @@ def convert_checkpoint(
     Returns:
         The model name the file was written for.
     """
-    state_dict = _unwrap(load_state_dict_file(src, weights_only=weights_only))
+    state_dict = unwrap_state_dict(load_state_dict_file(src, weights_only=weights_only))
     model_name = model_name or infer_dat_variant(state_dict)
     model = timm.create_model(model_name, **model_kwargs)
     converted = checkpoint_filter_fn(state_dict, model)

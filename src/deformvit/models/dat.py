@@ -31,9 +31,9 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, DropPath, LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
+from timm.models._manipulate import adapt_input_conv, checkpoint_seq
 
-from ..checkpoint import load_state_dict_file
+from ..checkpoint import load_state_dict_file, unwrap_state_dict
 from ..layers import (
     Mlp,
     attention,
@@ -890,7 +890,6 @@ class DAT(nn.Module):
         """
         state_dict = checkpoint_filter_fn(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
         if self.in_chans != 3 and 'stem.conv.weight' in state_dict:
-            from timm.models._manipulate import adapt_input_conv
             state_dict['stem.conv.weight'] = adapt_input_conv(self.in_chans, state_dict['stem.conv.weight'])
         own = self.state_dict()
         head_keys = [k for k in ('head.fc.weight', 'head.fc.bias') if k in state_dict]
@@ -945,10 +944,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
     indices, attention masks), renames keys, turns 1x1-conv projections into linear weights
     and resizes position tables to the model's sizes.
     """
-    for wrapper in ('model', 'state_dict', 'model_ema'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-            break
+    state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     official = 'patch_proj.0.weight' in state_dict or 'cls_head.weight' in state_dict
     out = {}
