@@ -33,6 +33,14 @@ def window_partition(x: torch.Tensor, window_size: Tuple[int, int]) -> torch.Ten
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
 
 
+def _shift_regions(size: int, window: int, shift: int) -> torch.Tensor:
+    """Region label (0, 1, 2) of each position along one axis of a cyclically shifted map."""
+    if shift == 0:
+        return torch.zeros(size, dtype=torch.long)
+    position = torch.arange(size)
+    return (position >= size - window).long() + (position >= size - shift).long()
+
+
 @functools.lru_cache(maxsize=64)
 def window_region_mask(
         padded_size: Tuple[int, int],
@@ -60,18 +68,14 @@ def window_region_mask(
     (hp, wp), (h, w), (wh, ww), (sh, sw) = padded_size, valid_size, window_size, shift_size
     if (hp, wp) == (h, w) and (sh, sw) == (0, 0):
         return None
-    labels = torch.zeros(hp, wp, dtype=torch.long)
-    if sh or sw:
-        cnt = 0
-        for hs in (slice(0, -wh), slice(-wh, -sh if sh else None), slice(-sh, None) if sh else slice(0, 0)):
-            for ws in (slice(0, -ww), slice(-ww, -sw if sw else None), slice(-sw, None) if sw else slice(0, 0)):
-                labels[hs, ws] = cnt
-                cnt += 1
+    # Swin's three regions per axis of the shifted map: [0, -window), [-window, -shift), [-shift, end)
+    row_region = _shift_regions(hp, wh, sh)
+    col_region = _shift_regions(wp, ww, sw)
     # a token of the shifted frame at (i, j) came from ((i + sh) % Hp, (j + sw) % Wp)
     rows = (torch.arange(hp) + sh) % hp
     cols = (torch.arange(wp) + sw) % wp
     is_pad = (rows[:, None] >= h) | (cols[None, :] >= w)
-    labels = labels * 2 + is_pad.long()
+    labels = (row_region[:, None] * 3 + col_region[None, :]) * 2 + is_pad.long()
     windows = window_partition(labels[None, :, :, None], window_size).squeeze(-1)  # (nW, N)
     mask = (windows[:, None, :] != windows[:, :, None]).float() * MASK_VALUE
     return mask.to(device)
