@@ -1,4 +1,4 @@
-"""``deformvit`` command line: ``demo``, ``convert``, ``count``."""
+"""``deformvit`` command line: ``train``, ``eval``, ``demo``, ``convert``, ``count``."""
 import argparse
 import sys
 from typing import List, Optional
@@ -31,7 +31,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog='deformvit', description='Deformable-attention vision transformers.')
     commands = parser.add_subparsers(dest='command', required=True)
 
-    from . import demo
+    from . import demo, evaluate, train
+    train_parser = commands.add_parser(
+        'train', help='train a classifier (no --data: dat_nano on embedded MNIST digits)',
+        description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_arguments(train_parser)
+    train_parser.set_defaults(func=train.main)
+
+    eval_parser = commands.add_parser('eval', help='top-1/top-5 and per-class accuracy of a checkpoint',
+                                      description=evaluate.__doc__)
+    evaluate.add_arguments(eval_parser)
+    eval_parser.set_defaults(func=evaluate.main)
+
     demo_parser = commands.add_parser('demo', help='classify a photo and show deformed sampling points')
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(func=demo.run)

@@ -1007,11 +1007,22 @@ def _cfg(**kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
+    'dat_nano.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
     'dat_tiny.in1k': _cfg(),
     'dat_small.in1k': _cfg(),
     'dat_base.in1k': _cfg(),
     'dat_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
 })
+
+
+@register_model
+def dat_nano(pretrained: bool = False, **kwargs) -> DAT:
+    """A narrow DAT (2.3M parameters, 12 MMACs at 32x32) for small images such as 32x32 digits: every block type
+    of DAT-T, window 4, widths (32, 64, 128, 256). Not from the paper."""
+    model_args = dict(
+        img_size=32, embed_dims=(32, 64, 128, 256), depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+        groups=(1, 1, 2, 4), window_size=4)
+    return _create_dat('dat_nano', pretrained=pretrained, **dict(model_args, **kwargs))
 
 
 @register_model

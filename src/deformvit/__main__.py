@@ -1,0 +1,4 @@
+"""``python -m deformvit ...`` (also under ``torchrun``)."""
+from .cli import main
+
+main()

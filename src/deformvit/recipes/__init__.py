@@ -1,0 +1,1 @@
+"""Training recipes (YAML), loaded by ``deformvit train --recipe NAME``."""
