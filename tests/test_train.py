@@ -190,3 +190,34 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path):
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
     assert [row.split(',')[0] for row in (killed / 'metrics.csv').read_text().splitlines()[1:]] == ['0', '1', '2', '3']
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    data = make_images(tmp_path / 'data', per_class=16)
+    common = ['train', '--data', str(data), '--epochs', '1', *FAST, '--set', 'opt=sgd', '--lr', '0.05']
+    main([*common, '--output', str(tmp_path / 'big'), '--batch-size', '8'])
+    main([*common, '--output', str(tmp_path / 'accum'), '--batch-size', '4', '--accum-steps', '2'])
+    big, accum = weights(tmp_path / 'big' / 'last.safetensors'), weights(tmp_path / 'accum' / 'last.safetensors')
+    for key in big:
+        torch.testing.assert_close(accum[key], big[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_bf16_channels_last_and_grad_checkpointing_train(tmp_path, capsys):
+    data = make_images(tmp_path / 'data', per_class=8)
+    main(['train', '--data', str(data), '--output', str(tmp_path / 'run'), '--epochs', '1', '--batch-size', '8',
+          *FAST, '--precision', 'bf16', '--channels-last', '--grad-checkpointing', '--model-ema'])
+    out = capsys.readouterr().out
+    assert 'bf16' in out and 'top-1' in out
+    assert 'precision: bf16' in (tmp_path / 'run' / 'config.yaml').read_text()
+    with pytest.raises(SystemExit):
+        main(['train', '--data', str(data), '--output', str(tmp_path / 'fp16'), *FAST, '--precision', 'fp16',
+              '--device', 'cpu'])
+    assert 'fp16 mixed precision needs a CUDA device' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_compile_option_trains(tmp_path):
+    data = make_images(tmp_path / 'data', per_class=8)
+    main(['train', '--data', str(data), '--output', str(tmp_path / 'run'), '--epochs', '1', '--batch-size', '8',
+          *FAST, '--compile'])
+    assert (tmp_path / 'run' / 'last.safetensors').exists()

@@ -10,7 +10,6 @@ import sys
 from typing import Dict, Optional
 
 import timm
-import torch
 from safetensors import safe_open
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader

@@ -187,6 +187,22 @@ class _Logger:
             return [r for r in csv.DictReader(f) if int(r['epoch']) <= until_epoch]
 
 
+class _ProgressBar:
+    """tqdm bar of one epoch, updated with loss, lr and images/s (shown on terminals only)."""
+
+    def __init__(self, total: int, epoch: int, epochs: int):
+        from tqdm import tqdm
+        self.bar = tqdm(total=total, desc=f'epoch {epoch + 1}/{epochs}', leave=False, dynamic_ncols=True,
+                        disable=None)
+
+    def report(self, loss: float, lr: float, images_per_s: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f'{loss:.3f}', lr=f'{lr:.2e}', img_s=f'{images_per_s:.0f}')
+
+    def close(self) -> None:
+        self.bar.close()
+
+
 def _prepare_output(config: Dict, resume: bool) -> str:
     folder = config['output'] or os.path.join(
         'runs', f"{config['model']}-{'digits' if config['data'] is None else os.path.basename(os.path.normpath(config['data']))}"
@@ -200,6 +216,7 @@ def _prepare_output(config: Dict, resume: bool) -> str:
 def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = None) -> Dict:
     """Train as ``config`` says; returns the final metrics. See the module docstring."""
     ctx = ctx or init_distributed(config['device'])
+    autocast, scaler, precision = _autocast(config['precision'], ctx.device)
     folder = _prepare_output(config, resume) if ctx.is_main else config['output']
     if ctx.distributed:
         folders = [folder]
@@ -258,7 +275,6 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         optimizer, sched='cosine', num_epochs=config['epochs'], min_lr=config['min_lr'],
         warmup_lr=config['warmup_lr'], warmup_epochs=config['warmup_epochs'], step_on_epochs=False,
         updates_per_epoch=updates_per_epoch)
-    autocast, scaler, precision = _autocast(config['precision'], ctx.device)
     model_ema = ModelEmaV3(model, decay=config['ema_decay']) if config['model_ema'] else None
     if resume:
         optimizer.load_state_dict(state['optimizer'])
@@ -299,16 +315,8 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         seed_everything(config['seed'] * 100_003 + epoch * 7_919 + ctx.rank)
         generator.manual_seed(config['seed'] * 100_003 + epoch)
         train_sampler.set_epoch(epoch)
-        progress, bar = None, None
-        if ctx.is_main:
-            from tqdm import tqdm
-            bar = tqdm(total=len(train_loader), desc=f'epoch {epoch + 1}/{config["epochs"]}', leave=False,
-                       dynamic_ncols=True, disable=None)
-
-            def progress(**values):
-                bar.update(1)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['lr']:.2e}",
-                                img_s=f"{values['images_per_s']:.0f}")
+        bar = _ProgressBar(len(train_loader), epoch, config['epochs']) if ctx.is_main else None
+        progress = bar.report if bar is not None else None
         try:
             stats = train_one_epoch(
                 model, train_loader, optimizer, loss_fn, ctx, epoch, scheduler, mixup_fn, autocast, scaler,
@@ -336,7 +344,7 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         state = dict(epoch=epoch, best_top1=best_top1, config=config, optimizer=optimizer.state_dict(),
                      scheduler=scheduler.state_dict(), scaler=scaler.state_dict() if scaler else None,
                      model_ema=model_ema.state_dict() if model_ema else None, rng=rng_state())
-        save_training_state(folder, 'last', eval_model, metadata, state)
+        save_training_state(folder, 'last', unwrapped, metadata, state)  # the EMA, if any, is in the state
         if best:
             save_training_state(folder, 'best', eval_model, metadata)
     if ctx.is_main and result is not None:

@@ -44,7 +44,6 @@ from ..layers import (
     resize_fixed_position_bias,
     resize_relative_position_table,
     sample_bilinear,
-    window_partition,
     window_region_mask,
 )
 
