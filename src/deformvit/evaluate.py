@@ -1,7 +1,7 @@
-"""``deformvit eval``: top-1 / top-5 and per-class accuracy of a checkpoint on a folder.
+"""deformvit eval: top-1 / top-5 and per-class accuracy of a checkpoint on a folder.
 
-Preprocessing is the model's ``pretrained_cfg``: resize by ``crop_pct``, center crop,
-mean/std normalisation (timm's eval transform).
+Preprocessing is the model's pretrained_cfg: resize by crop_pct, center crop, mean/std
+normalisation (timm's eval transform).
 """
 import argparse
 import json

