@@ -349,6 +349,9 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
             save_training_state(folder, 'best', eval_model, metadata)
     if ctx.is_main and result is not None:
         _write_reports(folder, logger.rows(config['epochs']), result, classes)
+    if ctx.distributed:  # every rank leaves together; a rank exiting with a live process group aborts
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return dict(folder=folder, top1=result.top1 if result else None, top5=result.top5 if result else None)
 
 
