@@ -12,7 +12,7 @@ from typing import Dict, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ['UnsafeCheckpointError', 'load_state_dict_file', 'save_safetensors', 'unwrap_state_dict']
+__all__ = ['UnsafeCheckpointError', 'load_state_dict_file', 'save_safetensors', 'save_torch', 'unwrap_state_dict']
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -76,18 +76,28 @@ def _unsafe_globals(path: str) -> list:
         return []
 
 
-def save_safetensors(state_dict: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write ``state_dict`` to ``path`` in safetensors format, atomically."""
+def _write_atomically(path: str, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.safetensors', dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def save_safetensors(state_dict: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``state_dict`` to ``path`` in safetensors format, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def save_torch(obj, path: str) -> None:
+    """``torch.save(obj, path)``, atomically."""
+    _write_atomically(path, lambda tmp: torch.save(obj, tmp))

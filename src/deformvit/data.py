@@ -17,7 +17,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-__all__ = ['IMAGE_EXTENSIONS', 'DatasetError', 'DigitsDataset', 'ImageFolderDataset', 'collate_skipping_corrupt']
+__all__ = [
+    'IMAGE_EXTENSIONS', 'DatasetError', 'DigitsDataset', 'ImageFolderDataset', 'collate_skipping_corrupt',
+    'validation_folder',
+]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 _MAX_LISTED = 5
@@ -42,6 +45,11 @@ def _find_images(folder: str) -> List[str]:
         paths.extend(os.path.join(directory, name) for name in files
                      if name.lower().endswith(IMAGE_EXTENSIONS))
     return sorted(paths)
+
+
+def validation_folder(root: str) -> Optional[str]:
+    """``root/val`` or ``root/validation``, whichever exists (None if neither)."""
+    return next((os.path.join(root, d) for d in ('val', 'validation') if os.path.isdir(os.path.join(root, d))), None)
 
 
 class ImageFolderDataset(Dataset):

@@ -8,7 +8,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional
@@ -19,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import accuracy, dispatch_clip_grad
 
-from .checkpoint import load_state_dict_file, save_safetensors
+from .checkpoint import load_state_dict_file, save_safetensors, save_torch
 
 __all__ = [
     'DistributedContext',
@@ -233,19 +232,6 @@ def evaluate(
                       per_class, confusion)
 
 
-def _atomic_torch_save(obj, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix='.pt', dir=folder)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_training_state(
         folder: str,
         name: str,
@@ -261,7 +247,7 @@ def save_training_state(
     """
     weights = os.path.join(folder, f'{name}.safetensors')
     if state is not None:
-        _atomic_torch_save(state, os.path.join(folder, f'{name}.state.pt'))
+        save_torch(state, os.path.join(folder, f'{name}.state.pt'))
     save_safetensors(model.state_dict(), weights, metadata=metadata)
     return weights
 

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models)
 from .checkpoint import UnsafeCheckpointError
-from .data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt
+from .data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
 from .engine import evaluate, init_distributed
 
 __all__ = ['add_arguments', 'load_model', 'main']
@@ -44,8 +44,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, **overrides) -
 def _dataset(data: Optional[str], transform, classes):
     if data is None:
         return DigitsDataset('val', transform)
-    root = next((os.path.join(data, d) for d in ('val', 'validation') if os.path.isdir(os.path.join(data, d))), data)
-    return ImageFolderDataset(root, transform, classes=classes)
+    return ImageFolderDataset(validation_folder(data) or data, transform, classes=classes)
 
 
 def run(args: argparse.Namespace) -> Dict:

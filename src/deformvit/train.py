@@ -31,7 +31,7 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from . import models  # noqa: F401  (registers the models)
-from .data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt
+from .data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
 from .engine import (
     DistributedContext,
     TrainingDiverged,
@@ -124,9 +124,7 @@ def _datasets(config: Dict, train_tf, eval_tf):
         return DigitsDataset('train', train_tf), DigitsDataset('val', eval_tf)
     root = config['data']
     train = ImageFolderDataset(os.path.join(root, 'train'), train_tf)
-    val_root = next((os.path.join(root, d) for d in ('val', 'validation') if os.path.isdir(os.path.join(root, d))),
-                    os.path.join(root, 'val'))
-    val = ImageFolderDataset(val_root, eval_tf, classes=train.classes)
+    val = ImageFolderDataset(validation_folder(root) or os.path.join(root, 'val'), eval_tf, classes=train.classes)
     return train, val
 
 
