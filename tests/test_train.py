@@ -222,3 +222,20 @@ def test_torch_compile_option_trains(tmp_path):
     main(['train', '--data', str(data), '--output', str(tmp_path / 'run'), '--epochs', '1', '--batch-size', '8',
           *FAST, '--compile'])
     assert (tmp_path / 'run' / 'last.safetensors').exists()
+
+
+def test_pretrained_weights_initialise_a_run_with_a_new_classifier(tmp_path):
+    data = make_images(tmp_path / 'data', per_class=8)
+    main(['train', '--data', str(data), '--output', str(tmp_path / 'first'), '--epochs', '1', '--batch-size', '8',
+          *FAST])
+    first = weights(tmp_path / 'first' / 'last.safetensors')
+    for split in ('train', 'val'):
+        (data / split / 'green').mkdir()
+        for i in range(8):
+            Image.fromarray(np.full((32, 32, 3), (20, 200, 20), np.uint8)).save(data / split / 'green' / f'{i}.png')
+    main(['train', '--data', str(data), '--output', str(tmp_path / 'second'), '--epochs', '1', '--batch-size', '8',
+          *FAST, '--lr', '0', '--pretrained', str(tmp_path / 'first' / 'last.safetensors')])
+    second = weights(tmp_path / 'second' / 'last.safetensors')
+    assert second['head.fc.weight'].shape == (3, 256)
+    torch.testing.assert_close(second['stages.2.blocks.1.attn.offset_net.conv_dw.weight'],
+                               first['stages.2.blocks.1.attn.offset_net.conv_dw.weight'])

@@ -226,7 +226,6 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         config = dict(state['config'], **{k: config[k] for k in ('epochs', 'device', 'workers')})
         start_epoch, best_top1 = state['epoch'] + 1, state['best_top1']
     config['output'] = folder
-    seed_everything(config['seed'])
 
     pretrained_cfg = timm.models.get_pretrained_cfg(config['model'])
     data_cfg = resolve_data_config({'input_size': (3, config['img_size'], config['img_size'])},
@@ -243,7 +242,8 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
                            f'the data has {len(classes)}: {classes[:10]}')
 
     seed_everything(config['seed'])
-    model, model_kwargs = _create_model(config, len(classes))
+    # a resumed run takes its weights from the checkpoint, not from the initial --pretrained file
+    model, model_kwargs = _create_model(dict(config, pretrained=None) if resume else config, len(classes))
     if resume:
         model.load_state_dict(weights)
     if config['grad_checkpointing']:
@@ -254,7 +254,7 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
     unwrapped = model
 
     global_batch = config['batch_size'] * ctx.world_size * config['accum_steps']
-    lr = config['lr'] or config['lr_base'] * global_batch / config['lr_base_size']
+    lr = config['lr'] if config['lr'] is not None else config['lr_base'] * global_batch / config['lr_base_size']
     optimizer = create_optimizer_v2(model, opt=config['opt'], lr=lr, weight_decay=config['weight_decay'])
     generator = torch.Generator()
     train_sampler = DistributedSampler(train_set, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
