@@ -10,9 +10,13 @@ import tempfile
 from typing import Dict, Optional
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-__all__ = ['UnsafeCheckpointError', 'load_state_dict_file', 'save_safetensors', 'save_torch', 'unwrap_state_dict']
+__all__ = [
+    'UnsafeCheckpointError', 'load_state_dict_file', 'read_safetensors_metadata', 'save_safetensors', 'save_torch',
+    'unwrap_state_dict',
+]
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -58,6 +62,12 @@ def load_state_dict_file(path: str, weights_only: bool = True) -> Dict[str, torc
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}') from err
     except (RuntimeError, EOFError) as err:
         raise ValueError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}') from err
+
+
+def read_safetensors_metadata(path: str) -> Dict[str, str]:
+    """The string metadata stored in a ``.safetensors`` file's header (empty if none)."""
+    with safe_open(os.fspath(path), 'pt') as f:
+        return f.metadata() or {}
 
 
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from timm.utils import accuracy, dispatch_clip_grad
 
-from .checkpoint import load_state_dict_file, save_safetensors, save_torch
+from .checkpoint import load_state_dict_file, read_safetensors_metadata, save_safetensors, save_torch
 
 __all__ = [
     'DistributedContext',
@@ -144,26 +144,23 @@ def train_one_epoch(
         with sync:
             with autocast():
                 loss = loss_fn(model(x), y)
-            if not torch.isfinite(loss):
+            loss_value = loss.item()  # the step's one host synchronisation
+            if not math.isfinite(loss_value):
                 raise TrainingDiverged(
-                    f'loss became {loss.item()} at epoch {epoch}, batch {index} '
+                    f'loss became {loss_value} at epoch {epoch}, batch {index} '
                     f'(lr {optimizer.param_groups[0]["lr"]:.3g}); stopping. The last saved checkpoint is '
                     'left as it was: lower the learning rate, enable gradient clipping or use fp32/bf16.')
             scaled = loss / accum_steps
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if update:
-            if scaler is not None:
-                if clip_grad:
+            if clip_grad:
+                if scaler is not None:
                     scaler.unscale_(optimizer)
-                    dispatch_clip_grad(model.parameters(), clip_grad)
+                dispatch_clip_grad(model.parameters(), clip_grad)
+            if scaler is not None:
                 scaler.step(optimizer)
                 scaler.update()
             else:
-                if clip_grad:
-                    dispatch_clip_grad(model.parameters(), clip_grad)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
@@ -171,10 +168,10 @@ def train_one_epoch(
                 scheduler.step_update(num_updates=num_updates)
             if model_ema is not None:
                 model_ema.update(model, step=num_updates)
-        loss_sum += loss.item() * x.shape[0]
+        loss_sum += loss_value * x.shape[0]
         images += x.shape[0]
         if progress is not None:
-            progress(loss=loss.item(), lr=optimizer.param_groups[0]['lr'],
+            progress(loss=loss_value, lr=optimizer.param_groups[0]['lr'],
                      images_per_s=images * ctx.world_size / (time.perf_counter() - start))
     loss_sum, images, skipped = ctx.all_reduce_sum([loss_sum, images, skipped])
     return EpochStats(loss_sum / max(images, 1), int(images), time.perf_counter() - start, int(skipped),
@@ -278,14 +275,12 @@ def load_training_state(folder: str, name: str = 'last') -> tuple:
         FileNotFoundError: the folder holds no such checkpoint.
         ValueError: weights and training state disagree (an interrupted write of an old version).
     """
-    from safetensors import safe_open
     weights = os.path.join(folder, f'{name}.safetensors')
     state_path = os.path.join(folder, f'{name}.state.pt')
     if not (os.path.isfile(weights) and os.path.isfile(state_path)):
         raise FileNotFoundError(f'no resumable checkpoint in {folder}: expected {name}.safetensors and '
                                 f'{name}.state.pt (written at the end of every epoch)')
-    with safe_open(weights, 'pt') as f:
-        metadata = f.metadata() or {}
+    metadata = read_safetensors_metadata(weights)
     state = torch.load(state_path, map_location='cpu', weights_only=True)
     if str(state.get('epoch')) != metadata.get('epoch'):
         raise ValueError(f'{weights} (epoch {metadata.get("epoch")}) and {state_path} (epoch {state.get("epoch")}) '

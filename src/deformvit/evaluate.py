@@ -10,12 +10,11 @@ import sys
 from typing import Dict, Optional
 
 import timm
-from safetensors import safe_open
 from timm.data import create_transform, resolve_data_config
 from torch.utils.data import DataLoader
 
 from . import models  # noqa: F401  (registers the models)
-from .checkpoint import UnsafeCheckpointError
+from .checkpoint import UnsafeCheckpointError, read_safetensors_metadata
 from .data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
 from .engine import evaluate, init_distributed
 
@@ -30,8 +29,7 @@ def load_model(checkpoint: str, model_name: Optional[str] = None, **overrides) -
     """
     metadata: Dict[str, str] = {}
     if checkpoint.endswith('.safetensors') and os.path.isfile(checkpoint):
-        with safe_open(checkpoint, 'pt') as f:
-            metadata = f.metadata() or {}
+        metadata = read_safetensors_metadata(checkpoint)
     name = model_name or metadata.get('architecture')
     if not name:
         raise ValueError(f'{checkpoint} does not record its architecture; pass --model NAME')

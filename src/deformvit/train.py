@@ -322,7 +322,6 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         finally:
             if bar is not None:
                 bar.close()
-        scheduler.step(epoch + 1)
         result = evaluate(eval_model, val_loader, len(classes), ctx, autocast, config['channels_last'])
         if not ctx.is_main:
             continue
