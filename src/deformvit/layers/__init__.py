@@ -1,5 +1,6 @@
 """Building blocks shared by the model families (DAT, EAPT)."""
 from .attention import attention
+from .block import PreNormBlock
 from .position import (
     deformable_relative_position_bias,
     relative_position_index,
@@ -12,6 +13,7 @@ from .window import pad_to_multiple, window_partition, window_region_mask
 
 __all__ = [
     'Mlp',
+    'PreNormBlock',
     'attention',
     'deformable_relative_position_bias',
     'pad_to_multiple',

@@ -21,21 +21,19 @@ Checkpoints of the official release (``{'model': state_dict}``) load through
 tables.
 """
 import math
-import os
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import ClassifierHead, DropPath, LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import adapt_input_conv, checkpoint_seq
+from timm.layers import ClassifierHead, LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import generate_default_cfgs, register_model
+from timm.models._manipulate import checkpoint_seq
 
-from ..checkpoint import load_state_dict_file, unwrap_state_dict
+from ..checkpoint import unwrap_state_dict
 from ..layers import (
-    Mlp,
+    PreNormBlock,
     attention,
     deformable_relative_position_bias,
     pad_to_multiple,
@@ -46,6 +44,7 @@ from ..layers import (
     sample_bilinear,
     window_region_mask,
 )
+from ._pyramid import PyramidBackbone, build_pyramid, per_stage
 
 __all__ = [
     'DAT',
@@ -93,15 +92,6 @@ class SamplingPoints(NamedTuple):
         else:
             feature = ((coords + 1) * size - 1) / 2
         return (feature + 0.5) * self.stride - 0.5
-
-
-def _per_stage(value, num_stages: int, name: str) -> tuple:
-    """Broadcast a scalar to every stage or check a per-stage sequence's length."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != num_stages:
-            raise ValueError(f'{name} has {len(value)} entries; expected one per stage ({num_stages})')
-        return tuple(value)
-    return (value,) * num_stages
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
@@ -493,29 +483,7 @@ class SpatialReductionAttention(nn.Module):
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, h, w, c)))
 
 
-class DATBlock(nn.Module):
-    """Transformer block of DAT Eq. (4)-(5): pre-norm attention and MLP with residuals.
-
-    Args:
-        dim: channels.
-        attn: the attention module (any of the block types of :data:`BLOCK_TYPES`).
-        mlp_ratio: hidden width of the MLP relative to ``dim``.
-        proj_drop: dropout in the MLP.
-        drop_path: stochastic depth rate.
-    """
-
-    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4., proj_drop: float = 0., drop_path: float = 0.):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
-        self.attn = attn
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        return x + self.drop_path2(self.mlp(self.norm2(x)))
+DATBlock = PreNormBlock  # DAT Eq. (4)-(5)
 
 
 class DATStage(nn.Module):
@@ -587,7 +555,7 @@ class DATStage(nn.Module):
         return self.blocks(x)
 
 
-class DAT(nn.Module):
+class DAT(PyramidBackbone):
     """Deformable Attention Transformer (DAT Sec. 3.3, Fig. 3, Table 1).
 
     Args:
@@ -657,7 +625,7 @@ class DAT(nn.Module):
         if stage_spec is None:
             stage_spec = [('LD' if i in deformable_stages else 'LS') * depths[i] for i in range(num_stages)]
             stage_spec = [spec[:depths[i]] for i, spec in enumerate(stage_spec)]
-        stage_spec = [''.join(spec) for spec in _per_stage(list(stage_spec), num_stages, 'stage_spec')]
+        stage_spec = [''.join(spec) for spec in per_stage(list(stage_spec), num_stages, 'stage_spec')]
         for spec in stage_spec:
             unknown = set(spec) - set(BLOCK_TYPES)
             if unknown or not spec:
@@ -665,23 +633,24 @@ class DAT(nn.Module):
         if position_bias not in POSITION_BIASES:
             raise ValueError(f'position_bias {position_bias!r} is not one of {POSITION_BIASES}')
         for name, seq in (('depths', depths), ('num_heads', num_heads), ('groups', groups)):
-            _per_stage(list(seq), num_stages, name)
+            per_stage(list(seq), num_stages, name)
         for dim, heads, n_groups in zip(embed_dims, num_heads, groups):
             if dim % heads or heads % n_groups:
                 raise ValueError(f'stage of {dim} channels, {heads} heads, {n_groups} groups: '
                                  'channels must divide by heads and heads by groups')
         img_size = to_2tuple(img_size)
-        window_size = _per_stage(window_size, num_stages, 'window_size')
-        offset_range_factor = _per_stage(offset_range_factor, num_stages, 'offset_range_factor')
-        offset_stride = _per_stage(offset_stride, num_stages, 'offset_stride')
-        ddetr_points = _per_stage(ddetr_points, num_stages, 'ddetr_points')
-        sr_ratios = _per_stage(list(sr_ratios), num_stages, 'sr_ratios')
-        offset_kernel_size = _per_stage(list(offset_kernel_size), num_stages, 'offset_kernel_size')
+        window_size = per_stage(window_size, num_stages, 'window_size')
+        offset_range_factor = per_stage(offset_range_factor, num_stages, 'offset_range_factor')
+        offset_stride = per_stage(offset_stride, num_stages, 'offset_stride')
+        ddetr_points = per_stage(ddetr_points, num_stages, 'ddetr_points')
+        sr_ratios = per_stage(list(sr_ratios), num_stages, 'sr_ratios')
+        offset_kernel_size = per_stage(list(offset_kernel_size), num_stages, 'offset_kernel_size')
 
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
         self.stage_spec = tuple(stage_spec)
+        self.patch_size = patch_size
         self.min_input_size = patch_size * 2 ** (num_stages - 1)
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = Stem(in_chans, embed_dims[0], patch_size, conv_patch_embed)
@@ -739,32 +708,6 @@ class DAT(nn.Module):
         tables = ('relative_position_bias_table', 'rel_pos_table', 'fixed_pos_bias')
         return {name for name, _ in self.named_parameters() if name.rsplit('.', 1)[-1] in tables}
 
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> Dict:
-        return dict(
-            stem=r'^stem',
-            blocks=r'^stages\.(\d+)' if coarse else [
-                (r'^stages\.(\d+)\.downsample', (0,)),
-                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-                (r'^norm', (99999,)),
-            ],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        for stage in self.stages:
-            stage.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head.reset(num_classes, pool_type=global_pool)
-
     def deformable_blocks(self) -> List[Tuple[int, int, DeformableAttention]]:
         """``(stage, block, attention)`` for every deformable attention module."""
         return [
@@ -804,103 +747,6 @@ class DAT(nn.Module):
                 attn.last_sampling = None
         return logits, records
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if x.ndim != 4:
-            raise ValueError(f'expected a 4-D (batch, channels, height, width) image tensor, got shape {tuple(x.shape)}')
-        if x.shape[1] != self.in_chans:
-            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
-        h, w = x.shape[-2:]
-        if h < self.min_input_size or w < self.min_input_size:
-            raise ValueError(
-                f'input {h}x{w} is smaller than the {self.min_input_size}x{self.min_input_size} minimum of this '
-                f'model (patch {self.stem.patch_size} x {len(self.stages) - 1} downsamplings)')
-
-    def forward_intermediates(
-            self,
-            x: torch.Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """Forward returning stage outputs (timm's ``forward_intermediates`` contract).
-
-        Args:
-            x: ``(B, C, H, W)`` images.
-            indices: last ``n`` stages if int, all if None, else the listed stages.
-            norm: apply the final norm to the last stage's output.
-            stop_early: skip stages after the last requested one.
-            output_fmt: ``'NCHW'`` or ``'NHWC'``.
-            intermediates_only: return only the intermediates.
-        """
-        if output_fmt not in ('NCHW', 'NHWC'):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
-        self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        stages = self.stages[:max_index + 1] if stop_early else self.stages
-        intermediates = []
-        x = self.stem(x)
-        last = len(self.stages) - 1
-        for i, stage in enumerate(stages):
-            x = stage(x)
-            if i in take_indices:
-                feat = self.norm(x) if norm and i == last else x
-                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
-        if intermediates_only:
-            return intermediates
-        if len(stages) == len(self.stages):
-            x = self.norm(x)
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop stages (and head/norm) not needed for the given intermediates."""
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[:max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, H, W)`` images -> normalised last-stage map ``(B, H/32, W/32, C)``."""
-        self._check_input(x)
-        x = self.stages(self.stem(x))
-        return self.norm(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def load_pretrained(self, checkpoint_path: str, weights_only: bool = True) -> None:
-        """Load an official DAT release file or a deformvit file (``.pth`` / ``.safetensors``).
-
-        Called by ``timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH))``. The classifier is kept only when its
-        shape matches; the stem is adapted when ``in_chans`` differs.
-        """
-        state_dict = checkpoint_filter_fn(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
-        if self.in_chans != 3 and 'stem.conv.weight' in state_dict:
-            state_dict['stem.conv.weight'] = adapt_input_conv(self.in_chans, state_dict['stem.conv.weight'])
-        own = self.state_dict()
-        head_keys = [k for k in ('head.fc.weight', 'head.fc.bias') if k in state_dict]
-        if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
-            for k in head_keys:
-                state_dict.pop(k)
-        missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if not k.startswith('head.')]
-        if missing or unexpected:
-            raise RuntimeError(
-                f'{os.fspath(checkpoint_path)} does not fit this model: missing {missing[:8]}'
-                f'{"..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}{"..." if len(unexpected) > 8 else ""}')
 
 
 def _official_key(key: str) -> Optional[str]:
@@ -975,22 +821,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
     return out
 
 
+DAT.checkpoint_filter = staticmethod(checkpoint_filter_fn)
+DAT.first_conv = 'stem.conv.weight'
+
+
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
-    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
-    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
-    if pretrained and not overlay.get('file') and not overlay.get('state_dict'):
-        raise ValueError(
-            f'{variant}: no weights are bundled; pass the path of an official DAT release file or a '
-            f"converted .safetensors file: timm.create_model('{variant}', pretrained=True, "
-            "pretrained_cfg_overlay=dict(file=PATH))")
-    if overlay.get('file'):
-        overlay.setdefault('custom_load', True)  # read by DAT.load_pretrained (release or deformvit layout)
-    return build_model_with_cfg(
-        DAT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
-        pretrained_cfg_overlay=overlay,
-        **kwargs)
+    return build_pyramid(DAT, variant, pretrained, 'official DAT release or deformvit .safetensors', **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:

@@ -1,0 +1,193 @@
+"""The timm contract shared by the pyramid backbones (DAT, EAPT).
+
+Both families are a stem, four stages of channels-last ``(B, H, W, C)`` maps and a
+classifier head. :class:`PyramidBackbone` holds everything that does not depend on the
+attention inside the stages: input checks, ``forward_features`` / ``forward_head``,
+``forward_intermediates`` (which ``features_only`` uses), classifier reset, gradient
+checkpointing, layer-decay groups and loading of checkpoint files.
+"""
+import os
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import adapt_input_conv
+
+from ..checkpoint import load_state_dict_file
+
+__all__ = ['PyramidBackbone', 'build_pyramid', 'per_stage']
+
+
+def per_stage(value, num_stages: int, name: str) -> tuple:
+    """Broadcast a scalar to every stage or check a per-stage sequence's length."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != num_stages:
+            raise ValueError(f'{name} has {len(value)} entries; expected one per stage ({num_stages})')
+        return tuple(value)
+    return (value,) * num_stages
+
+
+class PyramidBackbone(nn.Module):
+    """Base of the four-stage backbones.
+
+    Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of modules with a
+    ``grad_checkpointing`` flag), ``norm`` and ``head`` (a timm ``ClassifierHead`` over NHWC
+    maps) and set ``num_classes``, ``in_chans``, ``global_pool``, ``num_features``,
+    ``feature_info``, ``patch_size`` and ``min_input_size``. ``checkpoint_filter`` converts
+    foreign state dicts and ``first_conv`` names the stem's convolution weight.
+    """
+    checkpoint_filter: Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
+    first_conv: str
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict:
+        return dict(
+            stem=r'^stem',
+            blocks=r'^stages\.(\d+)' if coarse else [
+                (r'^stages\.(\d+)\.downsample', (0,)),
+                (r'^stages\.(\d+)\.blocks\.(\d+)', None),
+                (r'^norm', (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.stages:
+            stage.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head.fc
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = global_pool
+        self.head.reset(num_classes, pool_type=global_pool)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 4:
+            raise ValueError(f'expected a 4-D (batch, channels, height, width) image tensor, got shape {tuple(x.shape)}')
+        if x.shape[1] != self.in_chans:
+            raise ValueError(f'expected {self.in_chans} input channels, got {x.shape[1]} (shape {tuple(x.shape)})')
+        h, w = x.shape[-2:]
+        if h < self.min_input_size or w < self.min_input_size:
+            raise ValueError(
+                f'input {h}x{w} is smaller than the {self.min_input_size}x{self.min_input_size} minimum of this '
+                f'model (patch {self.patch_size} x {len(self.feature_info) - 1} downsamplings)')
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Forward returning stage outputs (timm's ``forward_intermediates`` contract).
+
+        Args:
+            x: ``(B, C, H, W)`` images.
+            indices: last ``n`` stages if int, all if None, else the listed stages.
+            norm: apply the final norm to the last stage's output.
+            stop_early: skip stages after the last requested one.
+            output_fmt: ``'NCHW'`` or ``'NHWC'``.
+            intermediates_only: return only the intermediates.
+        """
+        if output_fmt not in ('NCHW', 'NHWC'):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        self._check_input(x)
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        stages = self.stages[:max_index + 1] if stop_early else self.stages
+        intermediates = []
+        x = self.stem(x)
+        last = len(self.stages) - 1
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take_indices:
+                feat = self.norm(x) if norm and i == last else x
+                intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
+        if intermediates_only:
+            return intermediates
+        if len(stages) == len(self.stages):
+            x = self.norm(x)
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop stages (and head/norm) not needed for the given intermediates."""
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        self.stages = self.stages[:max_index + 1]
+        if prune_norm or max_index < len(self.feature_info) - 1:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, H, W)`` images -> normalised last-stage map ``(B, H/32, W/32, C)``."""
+        self._check_input(x)
+        x = self.stages(self.stem(x))
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return self.head(x, pre_logits=True) if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def load_pretrained(self, checkpoint_path: str, weights_only: bool = True) -> None:
+        """Load a checkpoint file (``.pth`` / ``.safetensors``) through ``checkpoint_filter``.
+
+        Called by ``timm.create_model(name, pretrained=True,
+        pretrained_cfg_overlay=dict(file=PATH))``. The classifier is kept only when its
+        shape matches; the stem is adapted when ``in_chans`` differs.
+        """
+        state_dict = type(self).checkpoint_filter(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
+        if self.in_chans != 3 and self.first_conv in state_dict:
+            state_dict[self.first_conv] = adapt_input_conv(self.in_chans, state_dict[self.first_conv])
+        own = self.state_dict()
+        head_keys = [k for k in ('head.fc.weight', 'head.fc.bias') if k in state_dict]
+        if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):
+            for k in head_keys:
+                state_dict.pop(k)
+        mismatched = [k for k, v in state_dict.items() if k in own and own[k].shape != v.shape]
+        if mismatched:
+            raise RuntimeError(
+                f'{os.fspath(checkpoint_path)} does not fit this model: shapes differ for '
+                + ', '.join(f'{k} {tuple(state_dict[k].shape)} vs {tuple(own[k].shape)}' for k in mismatched[:4]))
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if not k.startswith('head.')]
+        if missing or unexpected:
+            raise RuntimeError(
+                f'{os.fspath(checkpoint_path)} does not fit this model: missing {missing[:8]}'
+                f'{"..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}{"..." if len(unexpected) > 8 else ""}')
+
+
+def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwargs) -> PyramidBackbone:
+    """``build_model_with_cfg`` for a :class:`PyramidBackbone`, reading weights from a file.
+
+    No weights are bundled: ``pretrained=True`` needs
+    ``pretrained_cfg_overlay=dict(file=PATH)``; the file is read by ``load_pretrained``.
+    """
+    out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
+    overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
+    if pretrained and not overlay.get('file') and not overlay.get('state_dict'):
+        raise ValueError(
+            f'{variant}: no weights are bundled; pass the path of a {family} checkpoint file: '
+            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH))")
+    if overlay.get('file'):
+        overlay.setdefault('custom_load', True)  # read by PyramidBackbone.load_pretrained
+    return build_model_with_cfg(
+        cls, variant, pretrained,
+        pretrained_filter_fn=cls.checkpoint_filter,
+        feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
+        pretrained_cfg_overlay=overlay,
+        **kwargs)
