@@ -1,6 +1,6 @@
-"""Inference throughput of DAT against Swin Transformer, measured in one run.
+"""Inference throughput of DAT and EAPT against Swin Transformer, measured in one run.
 
-    python benchmarks/speed.py                       # dat_tiny vs swin_tiny, batch 16, 224, CPU
+    python benchmarks/speed.py                       # dat_tiny, eapt_small vs swin_tiny, batch 16, 224, CPU
     python benchmarks/speed.py --models dat_tiny swin_tiny_patch4_window7_224 --batch 16
     python benchmarks/speed.py --official-repo /path/to/DAT   # adds the official DAT-T
 
@@ -41,7 +41,7 @@ def official_dat_tiny(repo: str, configs: str) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--models', nargs='+', default=['dat_tiny', 'swin_tiny_patch4_window7_224'],
+    parser.add_argument('--models', nargs='+', default=['dat_tiny', 'eapt_small', 'swin_tiny_patch4_window7_224'],
                         help='timm model names; the last one is the reference of the ratio column')
     parser.add_argument('--batch', type=int, default=16)
     parser.add_argument('--size', type=int, default=224)

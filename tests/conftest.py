@@ -29,3 +29,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if 'slow' in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def small_task_losses():
+    """Train a 2-class model for 15 AdamW steps on 8 fixed 64x64 images; returns the losses."""
+    def train(model: torch.nn.Module) -> list:
+        torch.manual_seed(0)
+        x = torch.randn(8, 3, 64, 64)
+        y = (x[:, 0].mean((1, 2)) > 0).long()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        losses = []
+        for _ in range(15):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+    return train

@@ -7,15 +7,21 @@ from .position import (
     resize_fixed_position_bias,
     resize_relative_position_table,
 )
+from .position_encoding import MCMD, FloaterEncoding, LearnedEmbedding, SinusoidalEncoding, gaussian_descriptors
 from .sampling import reference_points, sample_bilinear
 from .mlp import Mlp
-from .window import pad_to_multiple, window_partition, window_region_mask
+from .window import pad_to_multiple, window_partition, window_region_mask, window_reverse
 
 __all__ = [
+    'FloaterEncoding',
+    'LearnedEmbedding',
+    'MCMD',
+    'SinusoidalEncoding',
     'Mlp',
     'PreNormBlock',
     'attention',
     'deformable_relative_position_bias',
+    'gaussian_descriptors',
     'pad_to_multiple',
     'reference_points',
     'relative_position_index',
@@ -24,4 +30,5 @@ __all__ = [
     'sample_bilinear',
     'window_partition',
     'window_region_mask',
+    'window_reverse',
 ]

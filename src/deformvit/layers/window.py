@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ['pad_to_multiple', 'window_partition', 'window_region_mask']
+__all__ = ['pad_to_multiple', 'window_partition', 'window_region_mask', 'window_reverse']
 
 MASK_VALUE = -100.0  # the value the Swin and DAT releases add to masked logits
 
@@ -31,6 +31,14 @@ def window_partition(x: torch.Tensor, window_size: Tuple[int, int]) -> torch.Ten
     wh, ww = window_size
     x = x.view(b, h // wh, wh, w // ww, ww, c)  # (B, H/Wh, Wh, W/Ww, Ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, c)
+
+
+def window_reverse(windows: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: ``(B * rows * cols, Wh, Ww, C) -> (B, rows * Wh, cols * Ww, C)``."""
+    _, wh, ww, c = windows.shape
+    rows, cols = grid
+    x = windows.view(-1, rows, cols, wh, ww, c).permute(0, 1, 3, 2, 4, 5)  # (B, rows, Wh, cols, Ww, C)
+    return x.reshape(-1, rows * wh, cols * ww, c)
 
 
 def _shift_regions(size: int, window: int, shift: int) -> torch.Tensor:

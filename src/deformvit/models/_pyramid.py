@@ -11,13 +11,14 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
 
 from ..checkpoint import load_state_dict_file
 
-__all__ = ['PyramidBackbone', 'build_pyramid', 'per_stage']
+__all__ = ['PyramidBackbone', 'build_pyramid', 'per_stage', 'pyramid_cfg']
 
 
 def per_stage(value, num_stages: int, name: str) -> tuple:
@@ -191,3 +192,14 @@ def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwar
         feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         pretrained_cfg_overlay=overlay,
         **kwargs)
+
+
+def pyramid_cfg(**kwargs) -> Dict:
+    """timm ``pretrained_cfg`` of an ImageNet-1k pyramid at 224 (bicubic, crop 0.875); ``kwargs`` override."""
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'classifier': 'head.fc', 'license': 'apache-2.0', **kwargs,
+    }

@@ -26,7 +26,6 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
@@ -44,7 +43,7 @@ from ..layers import (
     sample_bilinear,
     window_region_mask,
 )
-from ._pyramid import PyramidBackbone, build_pyramid, per_stage
+from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
 
 __all__ = [
     'DAT',
@@ -830,15 +829,9 @@ def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
 
 
 def _cfg(**kwargs) -> Dict:
-    return {
-        'url': '',
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'stem.conv', 'classifier': 'head.fc',
-        'license': 'apache-2.0', 'paper_ids': 'arXiv:2201.00520',
-        'paper_name': 'Vision Transformer with Deformable Attention', **kwargs,
-    }
+    return pyramid_cfg(
+        first_conv='stem.conv', paper_ids='arXiv:2201.00520',
+        paper_name='Vision Transformer with Deformable Attention', **kwargs)
 
 
 default_cfgs = generate_default_cfgs({
