@@ -12,6 +12,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import adapt_input_conv
@@ -41,6 +42,18 @@ class PyramidBackbone(nn.Module):
     """
     checkpoint_filter: Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
     first_conv: str
+    no_decay_names: Tuple[str, ...] = ()  # parameter names (last component) kept out of weight decay
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {name for name, _ in self.named_parameters() if name.rsplit('.', 1)[-1] in self.no_decay_names}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict:

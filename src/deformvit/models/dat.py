@@ -695,17 +695,9 @@ class DAT(PyramidBackbone):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        PyramidBackbone._init_weights(module)
         if isinstance(module, DeformableDetrAttention):
             module.reset_parameters()
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        tables = ('relative_position_bias_table', 'rel_pos_table', 'fixed_pos_bias')
-        return {name for name, _ in self.named_parameters() if name.rsplit('.', 1)[-1] in tables}
 
     def deformable_blocks(self) -> List[Tuple[int, int, DeformableAttention]]:
         """``(stage, block, attention)`` for every deformable attention module."""
@@ -822,6 +814,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
 
 DAT.checkpoint_filter = staticmethod(checkpoint_filter_fn)
 DAT.first_conv = 'stem.conv.weight'
+DAT.no_decay_names = ('relative_position_bias_table', 'rel_pos_table', 'fixed_pos_bias')
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:

@@ -560,18 +560,6 @@ class EAPT(PyramidBackbone):
             self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            trunc_normal_(module.weight, std=.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        tables = ('rel_pos_table', 'pos_embed', 'initial')
-        return {name for name, _ in self.named_parameters() if name.rsplit('.', 1)[-1] in tables}
-
     def attention_modules(self):
         """``(stage, block, attention)`` for every block."""
         return [(i, j, block.attn) for i, stage in enumerate(self.stages) for j, block in enumerate(stage.blocks)]
@@ -601,6 +589,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EAPT) -> Di
 
 EAPT.checkpoint_filter = staticmethod(checkpoint_filter_fn)
 EAPT.first_conv = 'stem.proj.weight'
+EAPT.no_decay_names = ('rel_pos_table', 'pos_embed', 'initial')
 
 
 def _create_eapt(variant: str, pretrained: bool = False, **kwargs) -> EAPT:
