@@ -1,4 +1,4 @@
-"""``deformvit`` command line: ``train``, ``eval``, ``demo``, ``convert``, ``count``."""
+"""``deformvit`` command line: ``train``, ``eval``, ``detect``, ``segment``, ``demo``, ``convert``, ``count``."""
 import argparse
 import sys
 from typing import List, Optional
@@ -42,6 +42,16 @@ def main(argv: Optional[List[str]] = None) -> None:
                                       description=evaluate.__doc__)
     evaluate.add_arguments(eval_parser)
     eval_parser.set_defaults(func=evaluate.main)
+
+    from .tasks import detection, segmentation
+    detect_parser = commands.add_parser(
+        'detect', help='object detection / instance segmentation: train, eval, predict',
+        description=detection.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    detection.add_arguments(detect_parser)
+    segment_parser = commands.add_parser(
+        'segment', help='semantic segmentation: train, eval, predict',
+        description=segmentation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    segmentation.add_arguments(segment_parser)
 
     demo_parser = commands.add_parser('demo', help='classify a photo and show deformed sampling points')
     demo.add_arguments(demo_parser)

@@ -1,18 +1,20 @@
 """Parameter and multiply-accumulate counts, in the convention of the papers' tables.
 
-MACs follow fvcore, which DAT's tables use: one MAC per multiply-add of matrix products
+MACs follow fvcore, which DAT's classification tables use: one MAC per multiply-add of matrix products
 and convolutions (biases free), ``5 x numel`` for an affine LayerNorm, ``4 x numel`` of
 the output for bilinear sampling and interpolation; element-wise activations, softmax and
 additions are free. Attention computed by ``F.scaled_dot_product_attention`` counts as its
-two matrix products.
+two matrix products. The detection and segmentation tables of both papers were counted by
+mmcv, which counts modules only; ``convention='modules'`` reproduces that (see
+docs/dense-prediction.md).
 """
-from typing import Dict, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ['count_macs', 'count_parameters']
+__all__ = ['CONVENTIONS', 'count_macs', 'count_macs_of', 'count_parameters']
 
 aten = torch.ops.aten
 
@@ -51,11 +53,51 @@ _FVCORE_EXTRA = {
 }
 
 
+def _free(*args, **kwargs) -> int:
+    return 0
+
+
+# mmcv's counter (mmdetection / mmsegmentation ``get_flops``, behind the detection and
+# segmentation tables of both papers) hooks modules only: the products of attention and the
+# bilinear sampling that models compute with functions are not counted.
+_MODULE_ONLY = {**_FVCORE_EXTRA, **{op: _free for op in (
+    aten.grid_sampler_2d, aten.bmm, aten._scaled_dot_product_flash_attention_for_cpu,
+    aten._scaled_dot_product_flash_attention, aten._scaled_dot_product_efficient_attention,
+    aten._scaled_dot_product_cudnn_attention)}}
+CONVENTIONS = {'fvcore': _FVCORE_EXTRA, 'modules': _MODULE_ONLY}
+
+
+@torch.no_grad()
+def count_macs_of(run: Callable[[], object], convention: str = 'fvcore') -> Tuple[int, Dict[str, int]]:
+    """MACs of everything ``run()`` computes: ``(total, {module name: MACs})``.
+
+    Args:
+        run: computes the forward pass to count.
+        convention: ``'fvcore'`` (every product, as the classification tables) or
+            ``'modules'`` (as mmcv, behind the detection and segmentation tables: the
+            attention products and bilinear sampling computed by functions are free).
+
+    The module names are those of the modules called inside ``run`` (qualified from the
+    outermost one that ``run`` calls, e.g. ``'backbone.body'``).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f'convention must be one of {sorted(CONVENTIONS)}, got {convention!r}')
+    counter = FlopCounterMode(display=False, custom_mapping=CONVENTIONS[convention])
+    with counter:
+        run()
+    per_module = {
+        name.split('.', 1)[1]: sum(counts.values()) // 2
+        for name, counts in counter.get_flop_counts().items() if '.' in name  # drop 'Global' and the root
+    }
+    return counter.get_total_flops() // 2, per_module
+
+
 @torch.no_grad()
 def count_macs(
         model: nn.Module,
         input_size: Sequence[int] = (3, 224, 224),
         by_module: bool = False,
+        convention: str = 'fvcore',
 ) -> int | Tuple[int, Dict[str, int]]:
     """Multiply-accumulates of one forward pass on a ``(1, *input_size)`` input.
 
@@ -64,6 +106,7 @@ def count_macs(
         input_size: ``(C, H, W)``.
         by_module: also return the MACs of every submodule, by qualified name
             (``'stages.2'``, ``'stages.2.blocks.1.attn'``, ...).
+        convention: ``'fvcore'`` or ``'modules'`` (see :func:`count_macs_of`).
 
     Returns:
         Total MACs, or ``(total, {module name: MACs})``.
@@ -72,17 +115,8 @@ def count_macs(
     x = torch.randn(1, *input_size, device=param.device, dtype=param.dtype)
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, custom_mapping=_FVCORE_EXTRA)
     try:
-        with counter:
-            model(x)
+        total, per_module = count_macs_of(lambda: model(x), convention)
     finally:
         model.train(was_training)
-    total = counter.get_total_flops() // 2
-    if not by_module:
-        return total
-    per_module = {
-        name.split('.', 1)[1]: sum(counts.values()) // 2
-        for name, counts in counter.get_flop_counts().items() if '.' in name  # drop 'Global' and the root
-    }
-    return total, per_module
+    return (total, per_module) if by_module else total

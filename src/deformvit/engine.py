@@ -101,20 +101,27 @@ def train_one_epoch(
         model: nn.Module,
         loader: Iterable,
         optimizer: torch.optim.Optimizer,
-        loss_fn: Callable,
+        step: Callable,
         ctx: DistributedContext,
         epoch: int,
         scheduler=None,
-        mixup_fn: Optional[Callable] = None,
         autocast: Callable = contextlib.nullcontext,
         scaler: Optional[torch.amp.GradScaler] = None,
         accum_steps: int = 1,
         clip_grad: Optional[float] = None,
         model_ema=None,
-        channels_last: bool = False,
         progress: Optional[Callable] = None,
+        max_updates: Optional[int] = None,
 ) -> EpochStats:
     """One pass over ``loader``; returns the mean loss over processed images.
+
+    Args:
+        loader: yields ``(inputs, targets, skipped)``; ``inputs`` is None when every sample of
+            the batch was unreadable.
+        step: ``step(model, inputs, targets, device) -> (loss, images)``, run under ``autocast``;
+            a None loss skips the batch.
+        max_updates: stop once the run has made this many optimizer updates (an iteration
+            budget that ends inside an epoch).
 
     Gradients are accumulated over ``accum_steps`` batches (without DDP synchronisation in
     between). A non-finite loss raises :class:`TrainingDiverged` before any update uses it.
@@ -126,24 +133,17 @@ def train_one_epoch(
     start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
     last_index = len(loader) - 1
-    for index, (x, y, n_skipped) in enumerate(loader):
+    for index, (inputs, targets, n_skipped) in enumerate(loader):
         skipped += n_skipped
-        if x is None:
+        if inputs is None:
             continue
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup_fn is not None:
-            if x.shape[0] % 2:  # timm's Mixup pairs images: a batch made odd by skipped files loses one
-                x, y = x[:-1], y[:-1]
-                if not x.shape[0]:
-                    continue
-            x, y = mixup_fn(x, y)
         update = (index + 1) % accum_steps == 0 or index == last_index
         sync = contextlib.nullcontext() if update or not hasattr(model, 'no_sync') else model.no_sync()
         with sync:
             with autocast():
-                loss = loss_fn(model(x), y)
+                loss, n = step(model, inputs, targets, ctx.device)
+            if loss is None:
+                continue
             loss_value = loss.item()  # the step's one host synchronisation
             if not math.isfinite(loss_value):
                 raise TrainingDiverged(
@@ -168,11 +168,13 @@ def train_one_epoch(
                 scheduler.step_update(num_updates=num_updates)
             if model_ema is not None:
                 model_ema.update(model, step=num_updates)
-        loss_sum += loss_value * x.shape[0]
-        images += x.shape[0]
+        loss_sum += loss_value * n
+        images += n
         if progress is not None:
             progress(loss=loss_value, lr=optimizer.param_groups[0]['lr'],
                      images_per_s=images * ctx.world_size / (time.perf_counter() - start))
+        if max_updates is not None and num_updates >= max_updates:
+            break
     loss_sum, images, skipped = ctx.all_reduce_sum([loss_sum, images, skipped])
     return EpochStats(loss_sum / max(images, 1), int(images), time.perf_counter() - start, int(skipped),
                       optimizer.param_groups[0]['lr'])
@@ -288,7 +290,8 @@ def load_training_state(folder: str, name: str = 'last') -> tuple:
     return load_state_dict_file(weights), metadata, state
 
 
-def metadata_for(model_name: str, model_kwargs: Dict, classes: List[str], epoch: int, **extra) -> Dict[str, str]:
-    """safetensors metadata from which :mod:`deformvit.evaluate` rebuilds the model."""
-    return {'architecture': model_name, 'model_kwargs': json.dumps(model_kwargs), 'classes': json.dumps(classes),
-            'epoch': str(epoch), **{k: str(v) for k, v in extra.items()}}
+def metadata_for(model_name: str, model_kwargs: Dict, classes: List[str], epoch: int, task: str = 'classify',
+                 **extra) -> Dict[str, str]:
+    """safetensors metadata from which a model is rebuilt (:func:`deformvit.tasks.load_checkpoint`)."""
+    return {'task': task, 'architecture': model_name, 'model_kwargs': json.dumps(model_kwargs),
+            'classes': json.dumps(classes), 'epoch': str(epoch), **{k: str(v) for k, v in extra.items()}}

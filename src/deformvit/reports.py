@@ -13,19 +13,26 @@ def _pyplot():
     return plt
 
 
-def plot_metrics(rows: List[Dict], path: str) -> None:
-    """Loss and accuracy per epoch from ``metrics.csv`` rows."""
+def plot_metrics(rows: List[Dict], metrics: Sequence[str], path: str) -> None:
+    """Training loss and the evaluation ``metrics`` per epoch, from ``metrics.csv`` rows."""
     plt = _pyplot()
     epochs = [int(r['epoch']) + 1 for r in rows]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [float(r['train_loss']) for r in rows], label='train')
-    ax_loss.plot(epochs, [float(r['val_loss']) for r in rows], label='held out')
+    losses = [m for m in metrics if m.endswith('loss')]
+    scores = [m for m in metrics if not m.endswith('loss')]
+    fig, (ax_loss, ax_score) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (('train_loss', 'train'), *((m, m.replace('_loss', '').replace('val', 'held out'))
+                                                   for m in losses)):
+        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, '') != '']
+        if points:
+            ax_loss.plot(*zip(*points), marker='.', label=label)
     ax_loss.set(xlabel='epoch', ylabel='loss', title='Loss')
     ax_loss.legend()
-    ax_acc.plot(epochs, [float(r['top1']) for r in rows], label='top-1')
-    ax_acc.plot(epochs, [float(r['top5']) for r in rows], label='top-5')
-    ax_acc.set(xlabel='epoch', ylabel='accuracy (%)', title='Held-out accuracy')
-    ax_acc.legend()
+    for key in scores:
+        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, '') != '']
+        if points:
+            ax_score.plot(*zip(*points), marker='.', label=key)
+    ax_score.set(xlabel='epoch', ylabel='%', title='Held-out metrics')
+    ax_score.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -1,0 +1,92 @@
+"""Dense-prediction pieces shared by detection and segmentation.
+
+A ``features_only`` backbone (any deformvit model, or any timm model) followed by a
+LayerNorm per output level and torchvision's feature pyramid. Transformer backbones
+produce un-normalised stage outputs (only the last stage has a norm, for the classifier),
+so every output level gets its own LayerNorm, as Swin Transformer and DAT do when used in
+detection and segmentation frameworks.
+"""
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence
+
+import timm
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm2d
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
+
+from .. import models  # noqa: F401  (registers the models)
+
+__all__ = ['PyramidFeatures', 'create_backbone']
+
+
+def create_backbone(
+        name: str,
+        strides: Sequence[int] = (4, 8, 16, 32),
+        pretrained: Optional[str] = None,
+        drop_path_rate: float = 0.0,
+        **kwargs,
+) -> nn.Module:
+    """``timm.create_model(name, features_only=True)`` returning the levels of the given strides.
+
+    Args:
+        name: a registered model (``dat_tiny``, ``eapt_small``, or any timm model with
+            ``features_only``, e.g. ``swin_tiny_patch4_window7_224``, ``resnet50``).
+        strides: output strides of the levels to return, finest first.
+        pretrained: path of a checkpoint of the classification model (an official DAT
+            release file or a deformvit ``.safetensors``); None keeps the random initialisation.
+        drop_path_rate: stochastic depth of the backbone.
+        kwargs: further model arguments.
+
+    Raises:
+        ValueError: the model has no feature level at one of ``strides``.
+    """
+    if pretrained:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
+    if drop_path_rate:
+        kwargs['drop_path_rate'] = drop_path_rate
+    model = timm.create_model(name, features_only=True, **kwargs)
+    reductions = model.feature_info.reduction()
+    missing = [s for s in strides if s not in reductions]
+    if missing:
+        raise ValueError(f'{name} has feature levels at strides {reductions}, none at {missing}; expected a '
+                         f'pyramid backbone with levels at strides {list(strides)}')
+    if reductions == list(strides):
+        return model
+    indices = tuple(len(reductions) - 1 - reductions[::-1].index(s) for s in strides)  # the last level of each stride
+    return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+
+
+class PyramidFeatures(nn.Module):
+    """Backbone stage outputs -> LayerNorm per level -> FPN, as an ordered dict of maps.
+
+    The output has the keys ``'0'``, ``'1'``, ... for the FPN levels (finest first) followed
+    by those of ``extra_blocks`` (``'pool'`` for P6 by max-pooling, ``'p6'``/``'p7'``), the
+    layout torchvision's detectors and RoI poolers expect. ``out_channels`` is read by them.
+
+    Args:
+        backbone: a ``features_only`` model; all of its outputs are used.
+        out_channels: channels of every pyramid level (256 in the papers' detectors).
+        extra_blocks: torchvision ``ExtraFPNBlock`` adding coarser levels, or None.
+        level_norm: LayerNorm each backbone output before the FPN.
+    """
+
+    def __init__(
+            self,
+            backbone: nn.Module,
+            out_channels: int = 256,
+            extra_blocks: Optional[ExtraFPNBlock] = None,
+            level_norm: bool = True,
+    ):
+        super().__init__()
+        channels = backbone.feature_info.channels()
+        self.body = backbone
+        self.norms = nn.ModuleList(LayerNorm2d(c) if level_norm else nn.Identity() for c in channels)
+        self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+        self.strides = backbone.feature_info.reduction()
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        levels = self.body(x)
+        return self.fpn(OrderedDict((str(i), norm(level)) for i, (norm, level) in enumerate(zip(self.norms, levels))))

@@ -1,0 +1,136 @@
+"""Semantic segmentation: Semantic FPN / UperNet on deformvit backbones, whole / sliding /
+multi-scale inference, the ``deformvit segment`` commands and the sizes of DAT Table 5."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deformvit.cli import main
+from deformvit.complexity import count_parameters
+from deformvit.tasks import load_checkpoint
+from deformvit.tasks.segmentation import segment_logits
+from deformvit.tasks.segmentors import build_segmentor
+from deformvit.tasks.synthetic import write_digit_scenes
+
+FAST = ['--workers', '0', '--batch-size', '4', '--set', 'eval_batch_size=4', '--set', 'warmup_updates=0',
+        '--lr', '0.002']
+
+
+@pytest.fixture(scope='module')
+def scenes(tmp_path_factory) -> dict:
+    return write_digit_scenes(tmp_path_factory.mktemp('scenes') / 'digits', n_train=16, n_val=8)
+
+
+@pytest.mark.parametrize('decoder', ['semantic_fpn', 'upernet'])
+@pytest.mark.parametrize('backbone', ['dat_nano', 'eapt_nano'])
+def test_segmentors_give_logits_at_any_input_size_and_train_the_offsets(decoder, backbone):
+    model = build_segmentor(decoder, backbone, num_classes=5, channels=32, fpn_channels=32)
+    x = torch.randn(2, 3, 96, 136)
+    out = model(x)
+    if decoder == 'upernet':  # the auxiliary FCN head of mmsegmentation's UperNet, training only
+        assert set(out) == {'out', 'aux'} and out['aux'].shape == (2, 5, 96, 136)
+        out = out['out']
+    assert out.shape == (2, 5, 96, 136)
+    torch.nn.functional.cross_entropy(out, torch.randint(0, 5, (2, 96, 136))).backward()
+    offsets = [p for n, p in model.named_parameters() if 'offset' in n and p.grad is not None]
+    assert offsets and any(p.grad.abs().sum() > 0 for p in offsets)
+    model.eval()
+    assert model(torch.randn(1, 3, 70, 50)).shape == (1, 5, 70, 50)
+
+
+def test_segmentors_match_dat_table5_in_parameters():
+    # DAT Table 5: S-FPN DAT-T 32M, UperNet DAT-T 60M (150 ADE20K classes, UperNet with its auxiliary head)
+    assert count_parameters(build_segmentor('semantic_fpn', 'dat_tiny', 150)) / 1e6 == pytest.approx(32, abs=0.6)
+    assert count_parameters(build_segmentor('upernet', 'dat_tiny', 150)) / 1e6 == pytest.approx(60, abs=0.6)
+
+
+def test_semantic_fpn_upsamples_each_level_to_stride_4():
+    heads = build_segmentor('semantic_fpn', 'dat_nano', 3).decoder.scale_heads
+    # Kirillov et al. 2019: one conv for P2 and P3, then one conv + 2x upsampling per octave
+    assert [sum(isinstance(m, torch.nn.Conv2d) for m in h.modules()) for h in heads] == [1, 1, 2, 3]
+    assert [sum(isinstance(m, torch.nn.Upsample) for m in h.modules()) for h in heads] == [0, 1, 2, 3]
+
+
+class _Pixelwise(torch.nn.Module):
+    """A position-independent 'segmentor' (1x1 conv): sliding windows must reproduce it exactly."""
+    num_classes = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_sliding_window_and_flip_average_reproduce_a_pixelwise_model():
+    model = _Pixelwise().eval()
+    x = torch.randn(1, 3, 50, 70)
+    whole = segment_logits(model, x, (50, 70))
+    slide = segment_logits(model, x, (50, 70), mode='slide', crop=(32, 32), stride=(21, 21))
+    torch.testing.assert_close(slide, whole)
+    torch.testing.assert_close(segment_logits(model, x, (50, 70), flip=True), whole)
+    multi = segment_logits(model, x, (25, 35), scales=(0.5, 1.0, 1.5), flip=True)
+    assert multi.shape == (1, 4, 25, 35)
+    torch.testing.assert_close(multi.sum(1), torch.ones(1, 25, 35))
+    with pytest.raises(ValueError, match="'whole' or 'slide'"):
+        segment_logits(model, x, (50, 70), mode='tiles')
+
+
+def run_cli(*args, check=True):
+    return subprocess.run([sys.executable, '-m', 'deformvit', *args], capture_output=True, text=True, check=check)
+
+
+def test_segment_train_eval_predict_on_ade_layout(scenes, tmp_path, capsys):
+    out = tmp_path / 'run'
+    main(['segment', 'train', '--data', str(scenes['ade']), '--output', str(out), '--epochs', '2',
+          '--decoder', 'upernet', '--backbone', 'dat_nano', *FAST, '--set', 'decoder_channels=32',
+          '--set', 'crop_size=[96, 96]', '--set', 'scale=[128, 128]'])
+    printed = capsys.readouterr().out
+    assert 'mIoU' in printed and 'per_class_iou.csv' in printed
+    for name in ('last.safetensors', 'best.safetensors', 'metrics.csv', 'metrics.png', 'per_class_iou.csv'):
+        assert (out / name).exists(), name
+    model, classes, task = load_checkpoint(str(out / 'last.safetensors'))
+    assert task == 'segment' and classes == ['background', 'digit']
+
+    main(['segment', 'eval', str(out / 'last.safetensors'), '--data', str(scenes['ade']), '--workers', '0',
+          '--scale', '128', '128', '--multi-scale', '--mode', 'slide', '--crop', '64', '64', '--stride', '48', '48'])
+    printed = capsys.readouterr().out
+    assert 'multi-scale + flip, slide inference' in printed and 'mIoU' in printed
+
+    image = next((Path(scenes['ade']) / 'images' / 'validation').iterdir())
+    main(['segment', 'predict', str(out / 'last.safetensors'), str(image), '--output', str(tmp_path / 'pred'),
+          '--scale', '128', '128'])
+    labels = np.asarray(Image.open(tmp_path / 'pred' / f'{image.stem}.png'))
+    assert labels.shape == Image.open(image).size[::-1] and labels.max() < len(classes)
+    assert (tmp_path / 'pred' / f'{image.stem}_overlay.png').exists()
+    record = json.loads((tmp_path / 'pred' / 'classes.json').read_text())
+    assert abs(sum(record['images'][0]['classes'].values()) - 1) < 1e-3
+
+
+def test_iterations_set_the_epochs_of_a_poly_schedule(scenes, tmp_path):
+    out = tmp_path / 'run'
+    main(['segment', 'train', '--data', str(scenes['ade']), '--output', str(out), '--iterations', '7',
+          '--backbone', 'dat_nano', *FAST, '--set', 'fpn_channels=16', '--set', 'decoder_channels=16',
+          '--set', 'crop_size=[64, 64]', '--set', 'scale=[64, 64]', '--decoder', 'semantic_fpn'])
+    rows = (out / 'metrics.csv').read_text().splitlines()
+    assert len(rows) - 1 == 2  # 16 images / batch 4 = 4 updates per epoch: 7 updates take 2 epochs
+    assert float(rows[-1].split(',')[-4]) == pytest.approx(0.002 * (1 - 7 / 7) ** 1.0, abs=1e-9)
+
+
+def test_mask_of_the_wrong_size_is_reported(scenes, tmp_path):
+    import shutil
+    root = tmp_path / 'ade'
+    shutil.copytree(scenes['ade'], root)
+    annotation = next((root / 'annotations' / 'training').iterdir())
+    Image.new('L', (40, 40)).save(annotation)
+    result = run_cli('segment', 'train', '--data', str(root), '--output', str(tmp_path / 'run'), '--epochs', '1',
+                     '--backbone', 'dat_nano', '--decoder', 'semantic_fpn', *FAST, '--set', 'fpn_channels=16',
+                     '--set', 'decoder_channels=16', '--set', 'crop_size=[64, 64]', '--set', 'scale=[128, 128]',
+                     check=False)
+    assert result.returncode != 0 and annotation.name in result.stderr
