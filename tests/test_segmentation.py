@@ -134,3 +134,12 @@ def test_mask_of_the_wrong_size_is_reported(scenes, tmp_path):
                      '--set', 'decoder_channels=16', '--set', 'crop_size=[64, 64]', '--set', 'scale=[128, 128]',
                      check=False)
     assert result.returncode != 0 and annotation.name in result.stderr
+
+
+def test_any_timm_pyramid_serves_as_backbone_by_its_strides():
+    # resnet18's features_only levels start with a stride-2 stem; the stride 4-32 levels are picked
+    model = build_segmentor('semantic_fpn', 'resnet18', num_classes=3, channels=16, fpn_channels=16)
+    assert model.backbone.feature_info.reduction() == [4, 8, 16, 32]
+    assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
+    with pytest.raises(ValueError, match='none at'):
+        build_segmentor('semantic_fpn', 'vit_tiny_patch16_224', num_classes=3)
