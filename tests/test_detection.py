@@ -73,7 +73,6 @@ def test_detectors_match_dat_tables_3_and_4_in_parameters():
 
 
 def test_retinanet_dat_tiny_macs_match_table3_in_mmcv_convention():
-    torch.set_num_threads(2)
     macs = detector_macs(build_detector('retinanet', 'dat_tiny', 80), (800, 1280), convention='modules')
     assert macs['total'] / 1e9 == pytest.approx(253, rel=0.05)  # DAT Table 3: 253G
     assert macs['total'] == macs['backbone'] + macs['neck'] + macs['head']

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..checkpoint import UnsafeCheckpointError, read_safetensors_metadata
 from ..data import IMAGE_EXTENSIONS, DatasetError, _find_images
 
-__all__ = ['COMMON_DEFAULTS', 'Evaluation', 'Task', 'add_train_command', 'checkpoint_metadata', 'guarded', 'iter_images']
+__all__ = ['COMMON_DEFAULTS', 'Evaluation', 'Task', 'add_train_command', 'checkpoint_metadata', 'class_colors', 'guarded', 'iter_images']
 
 COMMON_DEFAULTS = dict(
     description='', task='classify', data=None, epochs=300, iterations=None, batch_size=128, accum_steps=1,
@@ -74,7 +74,8 @@ class Task:
         raise NotImplementedError
 
     def eval_batch_size(self, config: Dict) -> int:
-        return config['batch_size']
+        """Images per evaluation batch: the recipe's ``eval_batch_size`` if it has one, else ``batch_size``."""
+        return config.get('eval_batch_size') or config['batch_size']
 
     def build_model(self, config: Dict, classes: List[str]) -> Tuple[nn.Module, str, Dict]:
         """``(model, architecture, rebuild kwargs)``; the kwargs and architecture go into checkpoints."""
@@ -167,3 +168,10 @@ def add_train_command(commands, task_type: type, help: str, description: str, da
     parser.add_argument('--backbone', help='registered model: dat_tiny, eapt_small, ... or a timm model')
     train.add_arguments(parser, task_type())
     parser.set_defaults(func=lambda args: train.main(args, task_type()))
+
+
+def class_colors(num_classes: int) -> List[Tuple[int, int, int]]:
+    """One RGB colour (0-255) per class index, from matplotlib's ``tab20`` (repeating after 20)."""
+    import matplotlib
+    cmap = matplotlib.colormaps['tab20']
+    return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_classes)]

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torchvision.models.detection import MaskRCNN
 
 from ..data import DatasetError
-from .base import Evaluation, Task, add_train_command, guarded, iter_images
+from .base import Evaluation, Task, add_train_command, class_colors, guarded, iter_images
 from .coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, to_coco_results
 from .detectors import DETECTORS, build_detector
 
@@ -67,9 +67,6 @@ class DetectionTask(Task):
 
     def collate(self, batch):
         return collate_detection(batch)
-
-    def eval_batch_size(self, config: Dict) -> int:
-        return config['eval_batch_size']
 
     def build_model(self, config: Dict, classes: List[str]):
         model = build_detector(
@@ -137,17 +134,13 @@ def draw_detections(image: torch.Tensor, prediction: Dict, classes: Sequence[str
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
     keep = prediction['scores'] >= score_threshold
     canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
-    colors = [_color(int(label)) for label in prediction['labels'][keep]]
+    palette = class_colors(len(classes) + 1)  # labels count from 1
+    colors = [palette[int(label)] for label in prediction['labels'][keep]]
     if 'masks' in prediction and keep.any():
         canvas = draw_segmentation_masks(canvas, prediction['masks'][keep, 0] > 0.5, alpha=0.45, colors=colors)
     text = [f'{classes[int(label) - 1]} {score:.2f}' for label, score in
             zip(prediction['labels'][keep], prediction['scores'][keep])]
     return draw_bounding_boxes(canvas, prediction['boxes'][keep], text, colors=colors, width=2)
-
-
-def _color(label: int) -> tuple:
-    import matplotlib
-    return tuple(int(255 * c) for c in matplotlib.colormaps['tab20'](label % 20)[:3])
 
 
 @torch.no_grad()

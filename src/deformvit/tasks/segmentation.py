@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..data import DatasetError
 from .ade import SegmentationFolder, SegmentationMetrics, collate_segmentation
-from .base import Evaluation, Task, add_train_command, guarded, iter_images
+from .base import Evaluation, Task, add_train_command, class_colors, guarded, iter_images
 from .segmentors import DECODERS, build_segmentor
 
 __all__ = ['MULTI_SCALE_RATIOS', 'SegmentationTask', 'predict', 'segment_logits']
@@ -124,9 +124,6 @@ class SegmentationTask(Task):
     def collate(self, batch):
         return collate_segmentation(batch)
 
-    def eval_batch_size(self, config: Dict) -> int:
-        return config['eval_batch_size']
-
     def build_model(self, config: Dict, classes: List[str]):
         self.aux_weight = config['aux_weight']
         model = build_segmentor(config['decoder'], config['backbone'], len(classes),
@@ -184,12 +181,6 @@ class SegmentationTask(Task):
                 'images', f'  per-class IoU:    {path}']
 
 
-def _palette(num_classes: int) -> torch.Tensor:
-    import matplotlib
-    cmap = matplotlib.colormaps['tab20']
-    return torch.tensor([[int(255 * c) for c in cmap(i % 20)[:3]] for i in range(num_classes)], dtype=torch.uint8)
-
-
 @torch.no_grad()
 def predict(checkpoint: str, inputs: Sequence[str], output: str, scale: Sequence[int] = (2048, 512),
             mode: str = 'whole', multi_scale: bool = False, device: str = 'cpu') -> Dict:
@@ -199,7 +190,7 @@ def predict(checkpoint: str, inputs: Sequence[str], output: str, scale: Sequence
     from . import load_checkpoint
     model, classes, _ = load_checkpoint(checkpoint, task='segment')
     model.to(device)
-    palette = _palette(len(classes))
+    palette = torch.tensor(class_colors(len(classes)), dtype=torch.uint8)
     os.makedirs(output, exist_ok=True)
     records, unreadable = [], []
     for path, image in iter_images(inputs):
