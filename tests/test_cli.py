@@ -44,3 +44,28 @@ def test_convert_reports_errors_without_traceback(tmp_path):
 def test_unknown_command_exits_with_usage():
     with pytest.raises(SystemExit):
         main(['frobnicate'])
+
+
+def test_help_lists_every_command_and_each_command_documents_itself(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(['--help'])
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    commands = ('train', 'eval', 'detect', 'segment', 'demo', 'profile', 'bench', 'visualize', 'export', 'convert',
+                'count')
+    for command in commands:
+        assert f'    {command} ' in listing or f'    {command}\n' in listing, command
+    for command, example in (('profile', 'deformvit profile --paper'), ('bench', 'deformvit bench --table8'),
+                             ('visualize', 'deformvit visualize'), ('export', 'deformvit export dat_tiny')):
+        with pytest.raises(SystemExit):
+            main([command, '--help'])
+        assert example in capsys.readouterr().out, command
+
+
+def test_new_commands_report_bad_input_without_traceback():
+    for argv, message in ((['profile'], 'name at least one model'),
+                          (['bench', '--models', 'dat_tinyy', '--references', 'none'], 'did you mean'),
+                          (['export', 'no_such_model'], 'no_such_model')):
+        result = subprocess.run([sys.executable, '-m', 'deformvit.cli', *argv], capture_output=True, text=True)
+        assert result.returncode != 0 and message in result.stderr, (argv, result.stderr)
+        assert 'Traceback' not in result.stderr, argv

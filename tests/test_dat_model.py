@@ -2,7 +2,6 @@
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 from deformvit.layers import relative_position_index
 from deformvit.models.dat import DAT, DeformableAttention, WindowAttention

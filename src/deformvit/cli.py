@@ -1,4 +1,5 @@
-"""``deformvit`` command line: ``train``, ``eval``, ``detect``, ``segment``, ``demo``, ``convert``, ``count``."""
+"""``deformvit`` command line: ``train``, ``eval``, ``detect``, ``segment``, ``demo``, ``profile``, ``bench``,
+``visualize``, ``export``, ``convert``, ``count``."""
 import argparse
 import sys
 from typing import List, Optional
@@ -31,31 +32,25 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(prog='deformvit', description='Deformable-attention vision transformers.')
     commands = parser.add_subparsers(dest='command', required=True)
 
-    from . import demo, evaluate, train
-    train_parser = commands.add_parser(
-        'train', help='train a classifier (no --data: dat_nano on embedded MNIST digits)',
-        description=train.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    train.add_arguments(train_parser)
-    train_parser.set_defaults(func=train.main)
-
-    eval_parser = commands.add_parser('eval', help='top-1/top-5 and per-class accuracy of a checkpoint',
-                                      description=evaluate.__doc__)
-    evaluate.add_arguments(eval_parser)
-    eval_parser.set_defaults(func=evaluate.main)
-
+    from . import bench, demo, evaluate, export, profile, train, visualize
     from .tasks import detection, segmentation
-    detect_parser = commands.add_parser(
-        'detect', help='object detection / instance segmentation: train, eval, predict',
-        description=detection.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    detection.add_arguments(detect_parser)
-    segment_parser = commands.add_parser(
-        'segment', help='semantic segmentation: train, eval, predict',
-        description=segmentation.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    segmentation.add_arguments(segment_parser)
-
-    demo_parser = commands.add_parser('demo', help='classify a photo and show deformed sampling points')
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(func=demo.run)
+    for name, module, func, help in (
+            ('train', train, 'main', 'train a classifier (no --data: dat_nano on embedded MNIST digits)'),
+            ('eval', evaluate, 'main', 'top-1/top-5 and per-class accuracy of a checkpoint'),
+            ('detect', detection, None, 'object detection / instance segmentation: train, eval, predict'),
+            ('segment', segmentation, None, 'semantic segmentation: train, eval, predict'),
+            ('demo', demo, 'run', 'classify a photo and show deformed sampling points'),
+            ('profile', profile, 'main', "parameters and MACs per stage; --paper: the papers' tables, measured"),
+            ('bench', bench, 'main', 'throughput, latency and peak memory beside timm references; '
+                                     '--table8: DAT Table 8 memory'),
+            ('visualize', visualize, 'main', "the papers' figures: deformed points, important keys, heat maps, "
+                                             'window edges'),
+            ('export', export, 'main', 'ONNX or torch.export program, checked against PyTorch')):
+        command = commands.add_parser(name, help=help, description=module.__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(command)
+        if func is not None:  # detect and segment set theirs per action
+            command.set_defaults(func=getattr(module, func))
 
     convert = commands.add_parser('convert', help='official DAT checkpoint -> deformvit .safetensors')
     convert.add_argument('src', help='official release file ({"model": state_dict})')

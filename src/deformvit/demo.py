@@ -1,5 +1,5 @@
-"""The ``make demo`` job: classify a real photo with DAT-T and show what its deformable
-attention samples.
+"""``deformvit demo``: classify a real photo with DAT-T and show what its deformable attention
+samples.
 
 Runs on CPU in seconds: it loads a photo shipped with scikit-image (or ``--image``),
 preprocesses it with timm's eval transform, prints the top-5 classes, the four feature maps

@@ -1,5 +1,5 @@
 """Building blocks shared by the model families (DAT, EAPT)."""
-from .attention import attention
+from .attention import attention, attention_weights
 from .block import PreNormBlock
 from .position import (
     deformable_relative_position_bias,
@@ -20,6 +20,7 @@ __all__ = [
     'Mlp',
     'PreNormBlock',
     'attention',
+    'attention_weights',
     'deformable_relative_position_bias',
     'gaussian_descriptors',
     'pad_to_multiple',

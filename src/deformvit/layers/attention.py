@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ['attention']
+__all__ = ['attention', 'attention_weights']
 
 
 def attention(
@@ -36,10 +36,18 @@ def attention(
     """
     if fused:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
-    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
-    if bias is not None:
-        logits = logits + bias
-    weights = logits.softmax(dim=-1)
+    weights = attention_weights(q, k, bias)
     if dropout_p > 0.:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
+
+
+def attention_weights(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The attention probabilities ``softmax(q k^T / sqrt(d) + bias)`` of :func:`attention`.
+
+    Shapes as in :func:`attention`; returns ``(B, heads, Nq, Nk)``, each row summing to 1.
+    """
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, heads, Nq, Nk)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1)

@@ -49,7 +49,6 @@ def _shift_regions(size: int, window: int, shift: int) -> torch.Tensor:
     return (position >= size - window).long() + (position >= size - shift).long()
 
 
-@functools.lru_cache(maxsize=64)
 def window_region_mask(
         padded_size: Tuple[int, int],
         valid_size: Tuple[int, int],
@@ -72,10 +71,26 @@ def window_region_mask(
 
     Returns:
         ``(nW, Wh*Ww, Wh*Ww)`` mask of 0 and -100, or None when nothing needs masking.
+
+    Masks are cached per sizes and device, except while torch.compile or torch.export trace
+    the model: a mask made there belongs to the trace (a fake tensor under torch.export) and
+    must never be returned to a later eager call.
     """
-    (hp, wp), (h, w), (wh, ww), (sh, sw) = padded_size, valid_size, window_size, shift_size
-    if (hp, wp) == (h, w) and (sh, sw) == (0, 0):
+    if tuple(padded_size) == tuple(valid_size) and tuple(shift_size) == (0, 0):
         return None
+    if torch.compiler.is_compiling():
+        return _region_mask(padded_size, valid_size, window_size, shift_size, device)
+    return _cached_region_mask(padded_size, valid_size, window_size, shift_size, device)
+
+
+def _region_mask(
+        padded_size: Tuple[int, int],
+        valid_size: Tuple[int, int],
+        window_size: Tuple[int, int],
+        shift_size: Tuple[int, int],
+        device: torch.device,
+) -> torch.Tensor:
+    (hp, wp), (h, w), (wh, ww), (sh, sw) = padded_size, valid_size, window_size, shift_size
     # Swin's three regions per axis of the shifted map: [0, -window), [-window, -shift), [-shift, end)
     row_region = _shift_regions(hp, wh, sh)
     col_region = _shift_regions(wp, ww, sw)
@@ -87,3 +102,6 @@ def window_region_mask(
     windows = window_partition(labels[None, :, :, None], window_size).squeeze(-1)  # (nW, N)
     mask = (windows[:, None, :] != windows[:, :, None]).float() * MASK_VALUE
     return mask.to(device)
+
+
+_cached_region_mask = functools.lru_cache(maxsize=64)(_region_mask)

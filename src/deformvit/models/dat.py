@@ -26,7 +26,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import ClassifierHead, LayerNorm2d, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from timm.models._manipulate import checkpoint_seq
 
@@ -34,6 +34,7 @@ from ..checkpoint import unwrap_state_dict
 from ..layers import (
     PreNormBlock,
     attention,
+    attention_weights,
     deformable_relative_position_bias,
     pad_to_multiple,
     reference_points,
@@ -299,6 +300,8 @@ class DeformableAttention(nn.Module):
         self.attn_drop = attn_drop
         self.record_sampling = False
         self.last_sampling: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]] = None
+        self.record_attention = False  # keep the softmax weights of the next forward in last_attention
+        self.last_attention: Optional[torch.Tensor] = None
 
         self.proj_q = nn.Linear(dim, dim)
         self.proj_k = nn.Linear(dim, dim)
@@ -378,7 +381,12 @@ class DeformableAttention(nn.Module):
         elif self.position_bias == 'fixed':
             bias = self._fixed_bias((h, w), (hk, wk))[None].to(q_heads.dtype)  # (1, heads, HW, Ns)
 
-        out = attention(q_heads, k, v, bias, self.attn_drop if self.training else 0., self.fused_attn)
+        if self.record_attention:  # explicit path, keeping the weights for DAT Figs. 5 and 7
+            weights = attention_weights(q_heads, k, bias)  # (B, heads, HW, Ns)
+            self.last_attention = weights.detach()
+            out = F.dropout(weights, self.attn_drop, self.training) @ v
+        else:
+            out = attention(q_heads, k, v, bias, self.attn_drop if self.training else 0., self.fused_attn)
         out = out.transpose(1, 2).reshape(b, h, w, c)  # (B, heads, HW, d) -> (B, H, W, C)
         if self.position_bias == 'dwconv':
             out = out + self.dwc_pe(q.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -654,8 +662,7 @@ class DAT(PyramidBackbone):
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = Stem(in_chans, embed_dims[0], patch_size, conv_patch_embed)
 
-        total_blocks = sum(len(spec) for spec in stage_spec)
-        dpr = [rate.tolist() for rate in torch.linspace(0, drop_path_rate, total_blocks).split([len(s) for s in stage_spec])]
+        dpr = calculate_drop_path_rates(drop_path_rate, [len(s) for s in stage_spec], stagewise=True)  # a ramp over all blocks
         self.feature_info = []
         stages = []
         feature_size = [math.ceil(s / patch_size) for s in img_size]

@@ -29,7 +29,7 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, PatchEmbed, to_2tuple, trunc_normal_, use_fused_attn
+from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
 from timm.models import generate_default_cfgs, register_model
 from torch.utils.checkpoint import checkpoint
 from timm.models.swin_transformer import PatchMerging
@@ -528,7 +528,7 @@ class EAPT(PyramidBackbone):
             img_size, patch_size, in_chans, embed_dims[0], norm_layer=nn.LayerNorm, flatten=False,
             output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True)
 
-        dpr = [rate.tolist() for rate in torch.linspace(0, drop_path_rate, sum(depths)).split(list(depths))]
+        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # a ramp over all blocks
         self.feature_info = []
         stages = []
         feature_size = [math.ceil(s / patch_size) for s in img_size]
