@@ -7,7 +7,7 @@ interrupted write never leaves a truncated file behind.
 import os
 import pickle
 import tempfile
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 from safetensors import safe_open
@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 __all__ = [
     'UnsafeCheckpointError', 'load_state_dict_file', 'read_safetensors_metadata', 'save_safetensors', 'save_torch',
-    'unwrap_state_dict',
+    'unwrap_state_dict', 'write_atomically',
 ]
 
 
@@ -86,28 +86,42 @@ def _unsafe_globals(path: str) -> list:
         return []
 
 
-def _write_atomically(path: str, write) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``."""
+def _new_file_mode() -> int:
+    """The mode ``open()`` gives a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def write_atomically(path: str, write: Callable[[str], Optional[bool]]) -> bool:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it to ``path``.
+
+    The file gets the mode ``open()`` would give it (the temporary file is private until then).
+    When ``write`` raises or returns False (a written file that failed a check), the temporary
+    file is deleted and ``path`` is left as it was. Returns True when ``path`` was written.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=os.path.splitext(path)[1], dir=folder)
     os.close(fd)
     try:
-        write(tmp)
+        if write(tmp) is False:
+            return False
+        os.chmod(tmp, _new_file_mode())
         os.replace(tmp, path)
-    except BaseException:
+        return True
+    finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
 
 
 def save_safetensors(state_dict: Dict[str, torch.Tensor], path: str, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``state_dict`` to ``path`` in safetensors format, atomically."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    _write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def save_torch(obj, path: str) -> None:
     """``torch.save(obj, path)``, atomically."""
-    _write_atomically(path, lambda tmp: torch.save(obj, tmp))
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))

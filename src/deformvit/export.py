@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, List, Optional, Sequence, Tuple, Union
@@ -39,8 +38,9 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from .checkpoint import UnsafeCheckpointError, load_state_dict_file, read_safetensors_metadata
+from .checkpoint import UnsafeCheckpointError, write_atomically
 from .models._pyramid import PyramidBackbone
+from .tasks import TaskMismatchError, load_classifier
 
 __all__ = [
     'DEFAULT_OPSET', 'FORMATS', 'MIN_OPSET', 'TOLERANCE', 'ExportReport', 'OutputCheck', 'add_arguments', 'capture',
@@ -134,13 +134,6 @@ def fixed_spatial_reason(model: nn.Module) -> str:
     return _FIXED_SPATIAL[type(_backbone(model)).__name__]
 
 
-def _safetensors_metadata(path: str) -> dict:
-    try:
-        return read_safetensors_metadata(path)
-    except Exception as err:  # safetensors raises its own error types
-        raise ValueError(f'{path} is not a readable safetensors file: {err}') from err
-
-
 def load_model(model_or_checkpoint: str, checkpoint: Optional[str] = None, **model_kwargs) -> Tuple[nn.Module, str]:
     """The eval-mode classification model named or stored by ``model_or_checkpoint``.
 
@@ -174,40 +167,11 @@ def load_model(model_or_checkpoint: str, checkpoint: Optional[str] = None, **mod
                          'or a checkpoint file')
     if path is None:
         return timm.create_model(name, **model_kwargs).eval(), name
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'no checkpoint file at {path}')
-
-    metadata = _safetensors_metadata(path) if path.endswith('.safetensors') else {}
-    if 'architecture' in metadata:  # a deformvit training checkpoint or a converted file
-        from .tasks import load_checkpoint
-        task, architecture = metadata.get('task', 'classify'), metadata['architecture']
-        if task != 'classify':
-            kind = {'detect': 'detection', 'segment': 'segmentation'}.get(task, task)
-            raise ValueError(f'{path} is a {kind} checkpoint ({architecture}); deformvit export writes classification '
-                             'models only, so detection and segmentation models are not exportable by this command')
-        if name is not None and name != architecture:
-            raise ValueError(f'{path} holds a {architecture} model, not {name}')
-        if model_kwargs:
-            raise ValueError(f'{path} records its own model arguments; model arguments cannot be changed')
-        with _weights_error(path):
-            model, _, _ = load_checkpoint(path, 'classify')
-        return model.eval(), architecture
-    if name is None:  # an official DAT release file: the variant follows from the weights
-        from .convert import infer_dat_variant
-        name = infer_dat_variant(load_state_dict_file(path))
-    with _weights_error(path):
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs)
-    return model.eval(), name
-
-
-@contextlib.contextmanager
-def _weights_error(path: str) -> Iterator[None]:
-    """Turn the RuntimeError of weights that do not fit the model into a ValueError naming the file."""
     try:
-        yield
-    except RuntimeError as err:
-        message = str(err)
-        raise ValueError(message if path in message else f'{path} does not fit the model: {message}') from err
+        return load_classifier(path, name, **model_kwargs)
+    except TaskMismatchError as err:
+        raise ValueError(f'{err}; deformvit export writes classification models only, so detection and '
+                         'segmentation models are not exportable by this command') from err
 
 
 def _input_size(model: nn.Module, size: Optional[Union[int, Sequence[int]]]) -> Tuple[int, int]:
@@ -444,13 +408,6 @@ def _check_output_path(path: str, fmt: str) -> str:
     return path
 
 
-def _file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _export(model, path, fmt, size, batch, static, check, tolerance, write, runner, opset=None) -> ExportReport:
     """Validate, ``write(tmp, size)`` beside ``path``, check ``tmp`` and rename it to ``path`` if it passes."""
     if batch < 1:
@@ -461,25 +418,21 @@ def _export(model, path, fmt, size, batch, static, check, tolerance, write, runn
     backbone = _backbone(model)
     report = ExportReport(path, fmt, (batch if static else None, backbone.in_chans, *size),
                           fixed_spatial_reason(model), opset=opset, tolerance=tolerance)
-    fd, tmp = tempfile.mkstemp(prefix='.tmp-', suffix=FORMATS[fmt], dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+
+    def write_and_check(tmp: str) -> bool:
         start = time.perf_counter()
         write(tmp, size)
         report.seconds = time.perf_counter() - start
-        if check:
-            run = runner(tmp)
-            report.checks = _compare(model, run, _check_shapes(batch, static, size, backbone.in_chans))
-            report.refused = [
-                (shape, _refuses(run, model, shape))
-                for shape in _refuse_shapes(batch, static, size, backbone.in_chans, backbone.patch_size)]
-        if not check or report.passed:
-            os.chmod(tmp, _file_mode())  # mkstemp makes the file private; give it a normal file's mode
-            os.replace(tmp, path)
-            report.written = True
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        if not check:
+            return True
+        run = runner(tmp)
+        report.checks = _compare(model, run, _check_shapes(batch, static, size, backbone.in_chans))
+        report.refused = [
+            (shape, _refuses(run, model, shape))
+            for shape in _refuse_shapes(batch, static, size, backbone.in_chans, backbone.patch_size)]
+        return report.passed
+
+    report.written = write_atomically(path, write_and_check)
     return report
 
 

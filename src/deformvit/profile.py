@@ -12,12 +12,14 @@ paper's figure, ours and the difference, and writes the same tables to a markdow
 import argparse
 import datetime
 import os
+import pathlib
 import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
+from .checkpoint import write_atomically
 from .complexity import CONVENTIONS, count_macs, count_parameters
 from .paper import MEMORY, NOTES, ROWS, TABLES, PaperRow
 
@@ -210,16 +212,6 @@ def paper_markdown(results: List[Dict], command: str = 'deformvit profile --pape
     return '\n'.join(lines) + '\n'
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    tmp = f'{path}.tmp-{os.getpid()}'
-    with open(tmp, 'w') as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _size(values: Optional[List[int]], model: nn.Module) -> Tuple[int, int, int]:
     if not values:
         return tuple(model.pretrained_cfg['input_size']) if hasattr(model, 'pretrained_cfg') else (3, 224, 224)
@@ -270,7 +262,7 @@ def main(args: argparse.Namespace) -> None:
             print(text)
             output = args.output or (None if args.table else PAPER_TABLES_PATH)
             if output:
-                _write_atomic(output, text)
+                write_atomically(output, lambda tmp: pathlib.Path(tmp).write_text(text))
                 print(f'wrote {output}')
             return
         if not args.models:

@@ -43,9 +43,10 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 
-from .checkpoint import UnsafeCheckpointError, read_safetensors_metadata
+from .checkpoint import UnsafeCheckpointError
 from .models.dat import DAT, DeformableAttention, SamplingPoints, WindowAttention
 from .models.eapt import EAPT, WindowGeometry
+from .tasks import load_classifier
 
 __all__ = [
     'AttentionRecord',
@@ -156,10 +157,9 @@ def load_model(
     Args:
         name: registered model name (``dat_tiny``, ``eapt_small``, ...); None: the one a training
             checkpoint records, else ``default``.
-        checkpoint: an official DAT release file or converted ``.safetensors`` (loaded through
-            ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))``), or a
-            deformvit classification training checkpoint (rebuilt by
-            :func:`deformvit.tasks.load_checkpoint`); None: random weights drawn with ``seed``.
+        checkpoint: an official DAT release file, a converted ``.safetensors`` or a deformvit
+            classification training checkpoint (:func:`deformvit.tasks.load_classifier`); None:
+            random weights drawn with ``seed``.
         seed: seed of the random weights.
         default: model used when neither ``name`` nor the checkpoint names one.
 
@@ -176,29 +176,9 @@ def load_model(
         model = timm.create_model(name)
         _family(model)
         return model.eval(), name, f'random weights (seed {seed}), untrained'
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f'no checkpoint file at {checkpoint}')
-    metadata = {}
-    if checkpoint.endswith('.safetensors'):
-        try:
-            metadata = read_safetensors_metadata(checkpoint)
-        except Exception as err:  # safetensors raises its own error types
-            raise ValueError(f'{checkpoint} is not a readable safetensors file: {err}') from err
-    weights = f'weights {os.path.basename(checkpoint)}'
-    if 'architecture' in metadata:
-        from .tasks import load_checkpoint
-        if name is not None and name != metadata['architecture']:
-            raise ValueError(f'{checkpoint} holds a {metadata["architecture"]} model, not {name}; leave out --model')
-        model, _, _ = load_checkpoint(checkpoint, 'classify')
-        name = metadata['architecture']
-    else:
-        name = name or default
-        try:
-            model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=checkpoint))
-        except RuntimeError as err:  # load_pretrained: keys or shapes do not fit
-            raise ValueError(f'{err}; is --model right?') from err
+    model, name = load_classifier(checkpoint, name, default)
     _family(model)
-    return model.eval(), name, weights
+    return model, name, f'weights {os.path.basename(checkpoint)}'
 
 
 def preprocess(image: Image.Image, model: nn.Module, size: Optional[int] = None) -> Tuple[torch.Tensor, np.ndarray]:
