@@ -267,13 +267,9 @@ def main(args: argparse.Namespace) -> None:
             return
         if not args.models:
             raise ValueError('name at least one model (e.g. dat_tiny), or use --paper')
-        import timm
-        from . import models  # noqa: F401  (registers the models)
+        from .bench import create_model
         for name in args.models:
-            try:
-                model = timm.create_model(name)
-            except RuntimeError as err:
-                raise ValueError(f'unknown model {name!r}: {err}') from err
+            model = create_model(name)
             input_size = _size(args.size, model)
             parts, params, macs = module_profile(model, input_size, args.depth, args.convention)
             print(profile_markdown(name, parts, params, macs, input_size, args.convention) + '\n')
