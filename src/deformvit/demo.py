@@ -13,23 +13,12 @@ from typing import List, Optional
 import numpy as np
 import timm
 import torch
-from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
 from . import models  # noqa: F401  (registers the models)
+from .visualize import load_image
 
 __all__ = ['main', 'load_image']
-
-
-def load_image(path: Optional[str] = None) -> Image.Image:
-    """``path`` as RGB, or scikit-image's sample photo of a cat (``chelsea``)."""
-    if path:
-        return Image.open(path).convert('RGB')
-    try:
-        from skimage import data
-    except ImportError as err:
-        raise SystemExit('the built-in photo comes from scikit-image: pip install scikit-image, or pass --image PATH') from err
-    return Image.fromarray(data.chelsea())
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -51,7 +40,10 @@ def run(args: argparse.Namespace) -> None:
     kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=args.checkpoint)) if args.checkpoint else {}
     model = timm.create_model(args.model, **kwargs).eval()
     config = resolve_data_config({}, model=model)
-    image = load_image(args.image)
+    try:
+        image = load_image(args.image)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f'deformvit demo: {err}') from err
     x = create_transform(**config)(image).unsqueeze(0)
     source = args.image or 'scikit-image sample photo "chelsea" (a cat)'
     weights = args.checkpoint or f'random (seed {args.seed}); the predicted classes are arbitrary'
