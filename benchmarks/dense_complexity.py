@@ -12,9 +12,8 @@ import sys
 
 import torch
 
-from deformvit.complexity import count_macs_of, count_parameters
-from deformvit.tasks.detectors import build_detector, detector_macs
-from deformvit.tasks.segmentors import build_segmentor
+from deformvit.tasks import build_detector, build_segmentor
+from deformvit.tools.complexity import count_parameters, framework_macs
 
 # (backbone, framework): (GMACs, M params, source) as printed in the papers
 PAPER = {
@@ -26,24 +25,14 @@ PAPER = {
 }
 
 
-def segmentor_macs(model, size, convention):
-    """MACs of a segmentor's inference forward (no auxiliary head): backbone and decoder + classifier."""
-    x = torch.randn(1, 3, *size)
-    model.eval()
-    total, per_module = count_macs_of(lambda: model(x), convention)
-    backbone = per_module.get('backbone', 0)
-    return dict(backbone=backbone, neck=0, head=total - backbone, total=total)
-
-
 def rows(backbones, frameworks):
     for backbone in backbones:
         for framework in frameworks:
             if framework in ('retinanet', 'mask_rcnn'):
                 model, size = build_detector(framework, backbone, 80), (800, 1280)
-                modules, fvcore = (detector_macs(model, size, convention=c) for c in ('modules', 'fvcore'))
             else:
                 model, size = build_segmentor(framework, backbone, 150), (512, 2048)
-                modules, fvcore = (segmentor_macs(model, size, c) for c in ('modules', 'fvcore'))
+            modules, fvcore = (framework_macs(model, size, convention=c) for c in ('modules', 'fvcore'))
             yield dict(backbone=backbone, framework=framework, size=f'{size[1]}x{size[0]}',
                        params=count_parameters(model) / 1e6, macs=modules['total'] / 1e9,
                        fvcore=fvcore['total'] / 1e9, split=modules, paper=PAPER.get((backbone, framework)))
@@ -61,7 +50,7 @@ def main(argv=None):
     for r in rows(args.backbones, args.frameworks):
         paper = r['paper']
         diff = f"{(r['macs'] / paper[0] - 1) * 100:+.1f}%" if paper else '-'
-        split = ' / '.join(f"{r['split'][k] / 1e9:.1f}" for k in ('backbone', 'neck', 'head'))
+        split = ' / '.join(f"{r['split'].get(k, 0) / 1e9:.1f}" for k in ('backbone', 'neck', 'head'))
         print(f"| {r['backbone']} | {r['framework']} | {r['size']} | {r['params']:.2f} | {paper[1] if paper else '-'} "
               f"| {r['macs']:.1f} | {paper[0] if paper else '-'} | {diff} | {r['fvcore']:.1f} | {split} "
               f"| {paper[2] if paper else 'not in the papers'} |", flush=True)

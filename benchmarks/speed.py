@@ -15,7 +15,7 @@ import sys
 import torch
 import yaml
 
-from deformvit import bench
+from deformvit.cli import bench, reported
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -49,7 +49,8 @@ def main() -> None:
                         help='the official model configurations (for --official-repo)')
     args = parser.parse_args()
     extra = {'dat_tiny (official)': official_dat_tiny(args.official_repo, args.configs)} if args.official_repo else None
-    bench.main(args, extra_models=extra)
+    with reported('benchmarks/speed.py'):
+        bench.run(args, extra_models=extra)
 
 
 if __name__ == '__main__':

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from deformvit.train import DEFAULTS, load_recipe, run
+from deformvit.tasks import get_task
+from deformvit.training import defaults, load_recipe, run
 
 
 def main() -> None:
@@ -25,7 +26,7 @@ def main() -> None:
     parser.add_argument('--output', default=os.path.join('runs', 'bench-digits'))
     args = parser.parse_args()
     shutil.rmtree(args.output, ignore_errors=True)
-    config = dict(DEFAULTS, **load_recipe('digits'), recipe='digits', output=args.output)
+    config = dict(defaults(get_task('classify')), **load_recipe('digits'), recipe='digits', output=args.output)
     config.update({k: v for k, v in (('model', args.model), ('epochs', args.epochs)) if v is not None})
     start = time.perf_counter()
     result = run(config)

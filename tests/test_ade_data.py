@@ -10,7 +10,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
 from deformvit.data import DatasetError
-from deformvit.tasks.ade import (
+from deformvit.data.ade import (
     ADE20K_CLASSES, SegmentationFolder, SegmentationMetrics, _scale_saturation, collate_segmentation,
 )
 

@@ -9,7 +9,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from deformvit import bench, count_macs, count_parameters
+from deformvit import count_macs, count_parameters
+from deformvit.cli import bench as bench_cli
+from deformvit.cli import main
+from deformvit.runtime import autocast_dtype, resolve_device
+from deformvit.tasks import create_model
+from deformvit.tools import bench, memory
 
 FLOAT = 4  # bytes
 
@@ -24,7 +29,7 @@ def nano_rows():
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    bench.add_arguments(parser)
+    bench_cli.add_arguments(parser)
     return parser
 
 
@@ -32,7 +37,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def test_tracker_counts_a_chain_of_ops_by_hand():
     x = torch.randn(1000)  # 4000 bytes, the baseline
-    with bench.MemoryTracker([x]) as tracker:
+    with memory.MemoryTracker([x]) as tracker:
         a = x * 2                      # +4000
         b = a.exp()                    # +4000 -> 12000, the peak
         del a                          # -4000
@@ -54,7 +59,7 @@ def test_tracker_counts_a_chain_of_ops_by_hand():
 @pytest.mark.parametrize('grad', [False, True])
 def test_tracker_sees_what_autograd_keeps(grad):
     x = torch.randn(1000, requires_grad=grad)
-    with bench.MemoryTracker([x]) as tracker:
+    with memory.MemoryTracker([x]) as tracker:
         a = x.exp()
         b = a.exp()   # exp saves its result for the backward pass, so with grad ``a`` survives ``del``
         del a
@@ -71,23 +76,23 @@ def test_attention_keeps_output_and_logsumexp_only_on_cpu_and_meta(device):
     b, heads, n, d = 2, 3, 49, 32
     q = torch.randn(b, heads, n, d, device=device)
     mask = torch.randn(1, heads, n, n, device=device)
-    with bench.MemoryTracker([q, mask]) as tracker:
+    with memory.MemoryTracker([q, mask]) as tracker:
         F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
     assert tracker.peak_bytes - tracker.baseline_bytes == (b * heads * n * d + b * heads * n) * FLOAT
     if device == 'meta':
-        with bench.MemoryTracker([q, mask], emulate_cpu=False) as math_path:
+        with memory.MemoryTracker([q, mask], emulate_cpu=False) as math_path:
             F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
         assert math_path.peak_bytes - math_path.baseline_bytes >= 2 * b * heads * n * n * FLOAT
 
 
 @pytest.mark.parametrize('name', ['dat_nano', 'eapt_nano'])
 def test_meta_tracking_equals_cpu_tracking(name):
-    model = bench.create_model(name)
+    model = create_model(name)
     peaks = {}
     for device in ('cpu', 'meta'):
         model = model.to(device)
-        with_grad = bench.peak_forward_memory(model.train(), (2, 3, 64, 64), device, grad=True)
-        without = bench.peak_forward_memory(model.eval(), (2, 3, 64, 64), device, grad=False)
+        with_grad = memory.peak_forward_memory(model.train(), (2, 3, 64, 64), device, grad=True)
+        without = memory.peak_forward_memory(model.eval(), (2, 3, 64, 64), device, grad=False)
         assert with_grad > without > count_parameters(model) * FLOAT
         peaks[device] = (with_grad, without)
     assert peaks['meta'] == peaks['cpu']
@@ -114,7 +119,7 @@ def test_rows_have_every_column_with_sane_values(nano_rows):
         assert row['torch'] == torch.__version__ and row['compile'] is False and row['compile_s'] is None
     by_key = {(r['model'], r['mode']): r for r in nano_rows}
     for name in ('dat_nano', 'eapt_nano'):
-        model = bench.create_model(name, 64)
+        model = create_model(name, 64)
         assert by_key[name, 'infer']['params_m'] == count_parameters(model) / 1e6
         assert by_key[name, 'infer']['gmacs'] == count_macs(model, (3, 64, 64)) / 1e9
         weights = count_parameters(model) * FLOAT
@@ -170,7 +175,7 @@ def test_autocast_precisions_run_and_are_recorded():
 
 
 def test_train_mode_updates_parameters_in_train_mode():
-    model = bench.create_model('dat_nano')
+    model = create_model('dat_nano')
     before = copy.deepcopy(model.state_dict())
     bench.benchmark({'nano': model}, batch=2, size=64, device='cpu', modes=('train',), warmup=1, repeats=1,
                     threads=1, memory=False)
@@ -191,9 +196,8 @@ def test_train_mode_updates_parameters_in_train_mode():
     (['--table8', '--compile'], '--table8 measures memory, at one --precision, without --compile'),
 ])
 def test_cli_bad_input_exits_with_a_clear_message(argv, message):
-    args = _parser().parse_args(['--models', 'dat_nano', '--size', '64', '--batch', '1', *argv])
     with pytest.raises(SystemExit, match='^deformvit bench: ') as err:
-        bench.main(args)
+        main(['bench', '--models', 'dat_nano', '--size', '64', '--batch', '1', *argv])
     assert message in str(err.value)
     if 'tinny' in message:
         assert 'did you mean dat_tiny' in str(err.value)
@@ -202,27 +206,27 @@ def test_cli_bad_input_exits_with_a_clear_message(argv, message):
 @pytest.mark.skipif(torch.cuda.is_available(), reason='checks the message given without a GPU')
 def test_cuda_without_a_gpu_is_refused():
     with pytest.raises(ValueError, match='no GPU is visible'):
-        bench.resolve_device('cuda')
+        resolve_device('cuda')
     with pytest.raises(SystemExit, match='deformvit bench: device cuda was asked for'):
-        bench.main(_parser().parse_args(['--device', 'cuda', '--table8']))
+        main(['bench', '--device', 'cuda', '--table8'])
 
 
 def test_bf16_on_a_gpu_without_bfloat16_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, 'get_device_name', lambda device=None: 'Tesla V100-SXM2-32GB')
     with pytest.raises(ValueError, match='bf16 is not supported by Tesla V100'):
-        bench.check_precision('bf16', torch.device('cuda'))
-    assert bench.check_precision('fp16', torch.device('cuda')) is torch.float16
-    assert bench.check_precision('bf16', torch.device('cpu')) is torch.bfloat16
+        autocast_dtype('bf16', torch.device('cuda'))
+    assert autocast_dtype('fp16', torch.device('cuda')) is torch.float16
+    assert autocast_dtype('bf16', torch.device('cpu')) is torch.bfloat16
     with pytest.raises(ValueError, match='unknown precision'):
-        bench.check_precision('int8', torch.device('cpu'))
+        autocast_dtype('int8', torch.device('cpu'))
 
 
 def test_memory_of_a_model_on_another_device_is_refused():
     with pytest.raises(ValueError, match="model is on cpu, the input on meta"):
-        bench.peak_forward_memory(bench.create_model('dat_nano'), (1, 3, 32, 32), 'meta')
+        memory.peak_forward_memory(create_model('dat_nano'), (1, 3, 32, 32), 'meta')
     with pytest.raises(ValueError, match='allocator method reads CUDA'):
-        bench.measure_peak_memory(lambda: None, [], torch.device('cpu'), method='allocator')
+        memory.measure_peak_memory(lambda: None, [], torch.device('cpu'), method='allocator')
 
 
 # --- output files --------------------------------------------------------------------------------
@@ -232,7 +236,7 @@ def test_cli_prints_and_writes_csv_and_markdown(tmp_path, capsys):
     args = _parser().parse_args([
         '--models', 'dat_nano', '--references', 'eapt_nano', '--ratio-to', 'eapt_nano', '--size', '64', '--batch', '2',
         '--threads', '1', '--warmup', '1', '--repeats', '2', '--csv', str(csv_path), '--markdown', str(md_path)])
-    rows = bench.main(args)
+    rows = bench_cli.run(args)
     printed = capsys.readouterr().out
     with open(csv_path, newline='') as f:
         table = list(csv.DictReader(f))

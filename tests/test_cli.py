@@ -32,11 +32,11 @@ def test_count_prints_paper_numbers(capsys):
 
 def test_convert_reports_errors_without_traceback(tmp_path):
     src = tmp_path / 'missing.pth'
-    result = subprocess.run([sys.executable, '-m', 'deformvit.cli', 'convert', str(src), str(tmp_path / 'o.st')],
+    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(tmp_path / 'o.st')],
                             capture_output=True, text=True)
     assert result.returncode != 0 and 'no checkpoint file' in result.stderr and 'Traceback' not in result.stderr
     torch.save({'model': {'foo.weight': torch.zeros(2)}}, src)
-    result = subprocess.run([sys.executable, '-m', 'deformvit.cli', 'convert', str(src), str(tmp_path / 'o.st')],
+    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(tmp_path / 'o.st')],
                             capture_output=True, text=True)
     assert 'not a DAT state dict' in result.stderr and not (tmp_path / 'o.st').exists()
 
@@ -66,6 +66,6 @@ def test_new_commands_report_bad_input_without_traceback():
     for argv, message in ((['profile'], 'name at least one model'),
                           (['bench', '--models', 'dat_tinyy', '--references', 'none'], 'did you mean'),
                           (['export', 'no_such_model'], 'no_such_model')):
-        result = subprocess.run([sys.executable, '-m', 'deformvit.cli', *argv], capture_output=True, text=True)
+        result = subprocess.run([sys.executable, '-m', 'deformvit', *argv], capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr, (argv, result.stderr)
         assert 'Traceback' not in result.stderr, argv

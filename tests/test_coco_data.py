@@ -11,7 +11,7 @@ from pycocotools import mask as coco_mask
 from torch.utils.data import DataLoader
 
 from deformvit.data import DatasetError
-from deformvit.tasks.coco import (CocoDetection, coco_evaluate, coco_layout, collate_detection,
+from deformvit.data.coco import (CocoDetection, coco_evaluate, coco_layout, collate_detection,
                                   to_coco_results)
 
 

@@ -16,8 +16,8 @@ import timm
 import torch
 
 from deformvit import UnsafeCheckpointError, load_state_dict_file
-from deformvit.convert import convert_checkpoint, infer_dat_variant
-from deformvit.models.dat import checkpoint_filter_fn
+from deformvit.models.dat import checkpoint_filter_fn, infer_dat_variant
+from deformvit.tools.convert import convert_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from compare_official import structured_input  # noqa: E402  (the fixture's input)
@@ -93,7 +93,7 @@ def test_cli_convert_then_create_model_loads_identical_weights(tmp_path):
     state = official_dat_tiny_state_dict()
     src, dst = tmp_path / 'dat_tiny.pth', tmp_path / 'dat_tiny.safetensors'
     torch.save({'model': state}, src)
-    result = subprocess.run([sys.executable, '-m', 'deformvit.cli', 'convert', str(src), str(dst)],
+    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(dst)],
                             capture_output=True, text=True, check=True)
     assert 'dat_tiny' in result.stdout
     model = timm.create_model('dat_tiny', pretrained=True, pretrained_cfg_overlay=dict(file=str(dst)))

@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from deformvit.cli import main
-from deformvit.complexity import count_parameters
-from deformvit.tasks import load_checkpoint
-from deformvit.tasks.detectors import build_detector, detector_macs
-from deformvit.tasks.synthetic import write_digit_scenes
+from deformvit.tasks import build_detector, load_model
+from deformvit.tools.complexity import count_parameters, framework_macs
+from deformvit.data.scenes import write_digit_scenes
 
 SMALL = dict(min_size=128, max_size=128, fpn_channels=32, anchor_sizes=(16, 32, 64, 128, 256),
              representation_size=64)
@@ -73,7 +72,7 @@ def test_detectors_match_dat_tables_3_and_4_in_parameters():
 
 
 def test_retinanet_dat_tiny_macs_match_table3_in_mmcv_convention():
-    macs = detector_macs(build_detector('retinanet', 'dat_tiny', 80), (800, 1280), convention='modules')
+    macs = framework_macs(build_detector('retinanet', 'dat_tiny', 80), (800, 1280), convention='modules')
     assert macs['total'] / 1e9 == pytest.approx(253, rel=0.05)  # DAT Table 3: 253G
     assert macs['total'] == macs['backbone'] + macs['neck'] + macs['head']
 
@@ -109,8 +108,9 @@ def test_detect_train_eval_predict_on_coco_layout(scenes, tmp_path, capsys):
         assert (out / name).exists(), name
     header = (out / 'metrics.csv').read_text().splitlines()[0].split(',')
     assert {'box_ap', 'box_ap50', 'mask_ap'} <= set(header)
-    model, classes, task = load_checkpoint(str(out / 'last.safetensors'))
-    assert task == 'detect' and classes == [str(d) for d in range(10)] and model.roi_heads.has_mask()
+    loaded = load_model(str(out / 'last.safetensors'))
+    assert loaded.task == 'detect' and loaded.classes == [str(d) for d in range(10)]
+    assert loaded.model.has_masks() and loaded.model.roi_heads.has_mask()
 
     main(['detect', 'eval', str(out / 'last.safetensors'), '--data', str(scenes['coco']), '--workers', '0'])
     printed = capsys.readouterr().out
@@ -150,9 +150,10 @@ def test_bad_coco_data_fails_with_a_message(scenes, tmp_path):
 
 
 def test_a_classification_checkpoint_is_not_a_detector(tmp_path):
-    from deformvit.engine import metadata_for
+    from deformvit.checkpoint import metadata_for
     from deformvit.checkpoint import save_safetensors
     path = tmp_path / 'cls.safetensors'
     save_safetensors({'w': torch.zeros(1)}, path, metadata_for('dat_nano', {}, ['a'], 0))
     result = run_cli('detect', 'predict', str(path), str(tmp_path), check=False)
-    assert result.returncode == 1 and 'is a classify checkpoint' in result.stderr
+    assert result.returncode == 1
+    assert 'is a classification checkpoint (dat_nano); expected a detection one' in result.stderr

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from deformvit import count_macs, count_parameters, save_safetensors
-from deformvit.complexity import _FVCORE_EXTRA as FVCORE_CONVENTION
+from deformvit.tools.complexity import _FVCORE_EXTRA as FVCORE_CONVENTION
 from deformvit.models.eapt import EAPT, DeformableWindowAttention, WindowGeometry
 
 
@@ -152,7 +152,7 @@ def test_offsets_are_bounded_by_the_broaden_size_and_clamped_to_the_map():
         attn.offset_net.dense.weight.mul_(500)
     attn.record_sampling = True
     model(torch.randn(1, 3, 44, 36))  # stage 1: 11 x 9, windows of 4 with padding
-    positions = attn.last_sampling  # (B, nW, N, 2)
+    positions, _ = attn.last_sampling  # (B, nW, N, 2)
     geometry = WindowGeometry.of((11, 9), (4, 4))
     grid = torch.stack(torch.meshgrid(torch.arange(12.), torch.arange(12.), indexing='ij'), -1)
     base = geometry.partition(grid[None]).view(1, geometry.num_windows, 16, 2)
@@ -315,7 +315,7 @@ def test_mixed_precision_keeps_positions_in_float32():
     attn.record_sampling = True
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(torch.randn(2, 3, 64, 64))
-    assert out.dtype == torch.bfloat16 and attn.last_sampling.dtype == torch.float32
+    assert out.dtype == torch.bfloat16 and attn.last_sampling[0].dtype == torch.float32
     out.float().logsumexp(-1).mean().backward()
     assert attn.offset_net.dense.weight.grad.abs().sum() > 0
 

@@ -3,7 +3,6 @@
 Every exported file is compared here with onnxruntime or ``torch.export.load`` run by the test
 itself on its own random images, not with the numbers the exporter reports.
 """
-import argparse
 import contextlib
 import io
 import json
@@ -18,9 +17,10 @@ import pytest
 import timm
 import torch
 
-from deformvit import export
-from deformvit.checkpoint import save_safetensors
-from deformvit.engine import metadata_for
+from deformvit.checkpoint import metadata_for, save_safetensors
+from deformvit.cli import main
+from deformvit.tools import export
+from deformvit.tools.onnx_opset import to_opset_17
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'benchmarks'))
 from compare_official import structured_input  # noqa: E402  (the input of the official-checkpoint fixture)
@@ -45,12 +45,10 @@ EAPT_ENCODINGS = ('sinusoidal', 'embedding', 'relative', 'floater', 'mcmd')  # E
 
 
 def cli(*argv: str) -> str:
-    """Run ``deformvit export ARGV`` through the module's parser; return what it printed."""
-    parser = argparse.ArgumentParser(prog='deformvit export')
-    export.add_arguments(parser)
+    """Run ``deformvit export ARGV``; return what it printed."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        export.main(parser.parse_args(list(argv)))
+        main(['export', *argv])
     return out.getvalue()
 
 
@@ -167,7 +165,7 @@ def test_opset_17_rewrite_moves_reduce_axes_back_to_an_attribute():
     y = onnx.helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, [2, 1, 4])
     axes = onnx.numpy_helper.from_array(np.array([1], dtype=np.int64), 'axes')
     node = onnx.helper.make_node('ReduceMax', ['x', 'axes'], ['y'], keepdims=1)
-    model = export._to_opset_17(opset_18_model(node, [x], y, [axes]))
+    model = to_opset_17(opset_18_model(node, [x], y, [axes]))
     assert model.opset_import[0].version == 17 and list(model.graph.node[0].input) == ['x']
     data = np.random.default_rng(0).standard_normal((2, 3, 4)).astype(np.float32)
     (got,) = ort.InferenceSession(model.SerializeToString()).run(None, {'x': data})
@@ -182,7 +180,7 @@ def test_opset_17_rewrite_refuses_what_opset_17_cannot_express(node, why):
     x = onnx.helper.make_tensor_value_info('x', onnx.TensorProto.FLOAT, [4])
     y = onnx.helper.make_tensor_value_info('y', onnx.TensorProto.FLOAT, None)
     with pytest.raises(ValueError, match=f'cannot write opset 17: {node.op_type} node .* {why}; export with opset 18'):
-        export._to_opset_17(opset_18_model(node, [x], y))
+        to_opset_17(opset_18_model(node, [x], y))
 
 
 def test_exported_program_round_trip_equals_eager_and_leaves_the_model_usable(tmp_path):

@@ -1,6 +1,5 @@
 """``deformvit profile``: per-part counts that add up, and the papers' tables measured from
-``deformvit.paper`` (docs/paper-tables.md is generated from them, not typed)."""
-import argparse
+``deformvit.tools.paper`` (docs/paper-tables.md is generated from them, not typed)."""
 import os
 import re
 
@@ -8,17 +7,16 @@ import pytest
 import timm
 import torch
 
-import deformvit  # noqa: F401
-from deformvit import count_macs, count_parameters, profile
-from deformvit.paper import ROWS, TABLES, PaperRow, rows
+from deformvit import count_macs, count_parameters
+from deformvit.cli import main
+from deformvit.tools import profile
+from deformvit.tools.paper import ROWS, TABLES, PaperRow, rows
 
 DOC = os.path.join(os.path.dirname(__file__), '..', 'docs', 'paper-tables.md')
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser()
-    profile.add_arguments(parser)
-    profile.main(parser.parse_args(argv))
+    main(['profile', *argv])
 
 
 def test_stage_parts_add_up_to_the_model_totals_at_any_size():

@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from deformvit.cli import main
-from deformvit.complexity import count_parameters
-from deformvit.tasks import load_checkpoint
-from deformvit.tasks.segmentation import segment_logits
-from deformvit.tasks.segmentors import build_segmentor
-from deformvit.tasks.synthetic import write_digit_scenes
+from deformvit.tasks import build_segmentor, load_model
+from deformvit.tasks.segmentation.inference import segment_logits
+from deformvit.tools.complexity import count_parameters
+from deformvit.data.scenes import write_digit_scenes
 
 FAST = ['--workers', '0', '--batch-size', '4', '--set', 'eval_batch_size=4', '--set', 'warmup_updates=0',
         '--lr', '0.002']
@@ -95,8 +94,8 @@ def test_segment_train_eval_predict_on_ade_layout(scenes, tmp_path, capsys):
     assert 'mIoU' in printed and 'per_class_iou.csv' in printed
     for name in ('last.safetensors', 'best.safetensors', 'metrics.csv', 'metrics.png', 'per_class_iou.csv'):
         assert (out / name).exists(), name
-    model, classes, task = load_checkpoint(str(out / 'last.safetensors'))
-    assert task == 'segment' and classes == ['background', 'digit']
+    loaded = load_model(str(out / 'last.safetensors'), task='segment')
+    assert loaded.task == 'segment' and loaded.classes == ['background', 'digit']
 
     main(['segment', 'eval', str(out / 'last.safetensors'), '--data', str(scenes['ade']), '--workers', '0',
           '--scale', '128', '128', '--multi-scale', '--mode', 'slide', '--crop', '64', '64', '--stride', '48', '48'])
@@ -107,7 +106,7 @@ def test_segment_train_eval_predict_on_ade_layout(scenes, tmp_path, capsys):
     main(['segment', 'predict', str(out / 'last.safetensors'), str(image), '--output', str(tmp_path / 'pred'),
           '--scale', '128', '128'])
     labels = np.asarray(Image.open(tmp_path / 'pred' / f'{image.stem}.png'))
-    assert labels.shape == Image.open(image).size[::-1] and labels.max() < len(classes)
+    assert labels.shape == Image.open(image).size[::-1] and labels.max() < len(loaded.classes)
     assert (tmp_path / 'pred' / f'{image.stem}_overlay.png').exists()
     record = json.loads((tmp_path / 'pred' / 'classes.json').read_text())
     assert abs(sum(record['images'][0]['classes'].values()) - 1) < 1e-3

@@ -11,8 +11,8 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from deformvit.data import DigitsDataset
-from deformvit.tasks import synthetic
-from deformvit.tasks.synthetic import ADE_CLASSES, default_scenes_root, write_digit_scenes
+from deformvit.data import scenes as synthetic
+from deformvit.data.scenes import ADE_CLASSES, default_scenes_root, write_digit_scenes
 
 # pycocotools' RLE decoding predates numpy 2's __array__(copy=) protocol
 pytestmark = pytest.mark.filterwarnings('ignore:__array__ implementation:DeprecationWarning')

@@ -5,7 +5,6 @@ the softmax of DAT Eq. (9) written out, key importance (Fig. 5) against dense to
 matrices multiplied out, edge differences (EAPT Fig. 6) against hand computations on
 constructed maps.
 """
-import argparse
 import os
 
 import numpy as np
@@ -17,8 +16,11 @@ from PIL import Image
 
 import deformvit.models.dat as dat_module
 from deformvit import save_safetensors
-from deformvit import visualize as vis
-from deformvit.engine import metadata_for
+from deformvit.checkpoint import metadata_for
+from deformvit.cli import main
+from deformvit.data.images import to_rgb
+from deformvit.tasks import load_model
+from deformvit.tools import visualize as vis
 
 
 def dat_nano(**kwargs):
@@ -26,9 +28,7 @@ def dat_nano(**kwargs):
 
 
 def cli(*argv):
-    parser = argparse.ArgumentParser()
-    vis.add_arguments(parser)
-    return vis.main(parser.parse_args(list(argv)))
+    main(['visualize', *argv])
 
 
 def figure_pixels(panels: int, extra_inches: float = 0.) -> tuple:
@@ -273,9 +273,9 @@ def test_eapt_sampling_points_are_the_recorded_key_positions_in_pixels():
     attn.record_sampling = True
     with torch.no_grad():
         model(x)
-    raw = attn.last_sampling[0]  # (nW, N, 2) positions of a 8x8 map in 2x2 windows of 4x4
+    raw = attn.last_sampling[0][0]  # (nW, N, 2) positions of a 8x8 map in 2x2 windows of 4x4
     attn.record_sampling, attn.last_sampling = False, None
-    records = vis.eapt_sampling_points(model, x)
+    _, records = model.forward_sampling_points(x)
     record = next(r for r in records if (r.stage, r.block) == (1, 1))
     points, reference = record.to_pixels('points')[0, 0], record.to_pixels('reference')[0, 0]  # (8, 8, 2)
     for i in range(8):
@@ -310,7 +310,7 @@ def test_display_is_the_preprocessed_crop(tmp_path):
     model = dat_nano()  # crop_pct 1.0: a 64x96 image at --size 64 is resized to 64x96 and center-cropped to 64x64
     rgba = np.zeros((64, 96, 4), dtype=np.uint8)
     rgba[:, 48:] = (0, 0, 255, 255)
-    image = vis._to_rgb(Image.fromarray(rgba, 'RGBA'))
+    image = to_rgb(Image.fromarray(rgba, 'RGBA'))
     x, display = vis.preprocess(image, model, size=64)
     assert x.shape == (1, 3, 64, 64) and display.shape == (64, 64, 3)
     # the crop starts at image column 16: image columns 0-47 (white) are display columns 0-31
@@ -321,25 +321,28 @@ def test_display_is_the_preprocessed_crop(tmp_path):
 
 
 def test_weights_come_from_a_seed_a_training_checkpoint_or_a_converted_file(tmp_path):
-    model, name, weights = vis.load_model('dat_nano', seed=3)
-    again, _, _ = vis.load_model('dat_nano', seed=3)
-    assert name == 'dat_nano' and weights == 'random weights (seed 3), untrained'
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    torch.manual_seed(3)
+    model = load_model('dat_nano').model
+    torch.manual_seed(3)
+    again = load_model('dat_nano')
+    assert again.architecture == 'dat_nano' and again.weights == 'random weights, untrained'
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.model.state_dict().values()))
 
     trained = timm.create_model('dat_nano', num_classes=10)
     training = tmp_path / 'best.safetensors'
     save_safetensors(trained.state_dict(), str(training),
                      metadata_for('dat_nano', {'num_classes': 10}, [str(i) for i in range(10)], 3))
-    loaded, name, weights = vis.load_model(checkpoint=str(training), default='eapt_small')
-    assert name == 'dat_nano' and weights == 'weights best.safetensors' and loaded.num_classes == 10
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), trained.state_dict().values()))
+    loaded = load_model(checkpoint=str(training), default='eapt_small')
+    assert loaded.architecture == 'dat_nano' and loaded.weights == 'weights best.safetensors'
+    assert loaded.model.num_classes == 10 and loaded.classes == [str(i) for i in range(10)]
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), trained.state_dict().values()))
     with pytest.raises(ValueError, match='holds a dat_nano model, not eapt_nano'):
-        vis.load_model('eapt_nano', str(training))
+        load_model('eapt_nano', str(training))
 
     converted = tmp_path / 'converted.safetensors'
     save_safetensors(model.state_dict(), str(converted))
-    loaded, _, _ = vis.load_model('dat_nano', str(converted))
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    loaded = load_model('dat_nano', str(converted))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), model.state_dict().values()))
 
 
 def test_cli_writes_every_dat_figure_as_decodable_png_of_the_expected_size(tmp_path, capsys):

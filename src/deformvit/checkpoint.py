@@ -1,21 +1,27 @@
-"""Reading and writing weight files safely.
+"""Reading and writing weight files safely, and what a deformvit checkpoint records.
 
 Reading never unpickles arbitrary objects unless asked to (``weights_only=True``);
 writing is atomic (a temporary file in the same folder, then ``os.replace``), so an
 interrupted write never leaves a truncated file behind.
+
+A deformvit ``.safetensors`` file records in its metadata how to rebuild its model: the task,
+the architecture (a registered model, detector or decoder name), its arguments and the class
+names (:func:`metadata_for` writes them, :func:`checkpoint_record` reads them back).
 """
+import json
 import os
 import pickle
 import tempfile
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 __all__ = [
-    'UnsafeCheckpointError', 'load_state_dict_file', 'read_safetensors_metadata', 'save_safetensors', 'save_torch',
-    'unwrap_state_dict', 'write_atomically',
+    'CheckpointRecord', 'UnsafeCheckpointError', 'checkpoint_record', 'load_state_dict_file', 'metadata_for',
+    'read_safetensors_metadata', 'save_safetensors', 'save_torch', 'unwrap_state_dict', 'write_atomically',
 ]
 
 
@@ -65,9 +71,63 @@ def load_state_dict_file(path: str, weights_only: bool = True) -> Dict[str, torc
 
 
 def read_safetensors_metadata(path: str) -> Dict[str, str]:
-    """The string metadata stored in a ``.safetensors`` file's header (empty if none)."""
-    with safe_open(os.fspath(path), 'pt') as f:
-        return f.metadata() or {}
+    """The string metadata stored in a ``.safetensors`` file's header (empty if none).
+
+    Raises:
+        ValueError: the file is not a readable safetensors file.
+    """
+    try:
+        with safe_open(os.fspath(path), 'pt') as f:
+            return f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types
+        raise ValueError(f'{path} is not a readable safetensors file: {err}') from err
+
+
+@dataclass
+class CheckpointRecord:
+    """How to rebuild the model of a deformvit checkpoint.
+
+    Attributes:
+        task: ``'classify'``, ``'detect'`` or ``'segment'``.
+        architecture: the registered model (classification) or the detector / decoder name.
+        model_kwargs: the arguments that rebuild the model with ``architecture``.
+        classes: class names in output order; None when the file does not record them
+            (``deformvit convert`` outputs).
+        metadata: the file's whole metadata.
+    """
+    task: str
+    architecture: str
+    model_kwargs: Dict
+    classes: Optional[List[str]]
+    metadata: Dict[str, str]
+
+
+def metadata_for(architecture: str, model_kwargs: Dict, classes: List[str], epoch: int, task: str = 'classify',
+                 **extra) -> Dict[str, str]:
+    """The safetensors metadata of a training checkpoint, from which :func:`checkpoint_record` rebuilds it."""
+    return {'task': task, 'architecture': architecture, 'model_kwargs': json.dumps(model_kwargs),
+            'classes': json.dumps(classes), 'epoch': str(epoch), **{k: str(v) for k, v in extra.items()}}
+
+
+def checkpoint_record(path: str) -> Optional[CheckpointRecord]:
+    """What a ``.safetensors`` file records about its model; None for other files and bare state dicts.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: an unreadable safetensors file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no checkpoint file at {path}')
+    if not path.endswith('.safetensors'):
+        return None
+    metadata = read_safetensors_metadata(path)
+    if 'architecture' not in metadata:
+        return None
+    return CheckpointRecord(
+        task=metadata.get('task', 'classify'), architecture=metadata['architecture'],
+        model_kwargs=json.loads(metadata.get('model_kwargs', '{}')),
+        classes=json.loads(metadata['classes']) if 'classes' in metadata else None, metadata=metadata)
 
 
 def unwrap_state_dict(checkpoint: Dict) -> Dict[str, torch.Tensor]:

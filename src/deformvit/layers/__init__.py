@@ -1,5 +1,5 @@
 """Building blocks shared by the model families (DAT, EAPT)."""
-from .attention import attention, attention_weights
+from .attention import attention, attention_switches, attention_weights
 from .block import PreNormBlock
 from .position import (
     deformable_relative_position_bias,
@@ -8,7 +8,7 @@ from .position import (
     resize_relative_position_table,
 )
 from .position_encoding import MCMD, FloaterEncoding, LearnedEmbedding, SinusoidalEncoding, gaussian_descriptors
-from .sampling import reference_points, sample_bilinear
+from .sampling import SamplingPoints, reference_points, sample_bilinear
 from .mlp import Mlp
 from .window import pad_to_multiple, window_partition, window_region_mask, window_reverse
 
@@ -19,7 +19,9 @@ __all__ = [
     'SinusoidalEncoding',
     'Mlp',
     'PreNormBlock',
+    'SamplingPoints',
     'attention',
+    'attention_switches',
     'attention_weights',
     'deformable_relative_position_bias',
     'gaussian_descriptors',

@@ -1,12 +1,42 @@
-"""Reference grids and differentiable bilinear sampling (DAT Sec. 3.2, Eq. (7)-(8)).
+"""Reference grids, differentiable bilinear sampling (DAT Sec. 3.2, Eq. (7)-(8)) and the record
+of where a block sampled.
 
 Points are ``(y, x)`` pairs in the normalised range ``[-1, +1]`` of a feature map, with
 ``(-1, -1)`` the top-left and ``(+1, +1)`` the bottom-right corner (DAT Sec. 3.2).
 """
+from typing import NamedTuple, Tuple
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ['reference_points', 'sample_bilinear']
+__all__ = ['SamplingPoints', 'reference_points', 'sample_bilinear']
+
+
+class SamplingPoints(NamedTuple):
+    """Deformed points of one deformable block, for visualisation (DAT Fig. 6, EAPT Eq. (1)-(2)).
+
+    ``points`` and ``reference`` are ``(B, G, Hk, Wk, 2)`` tensors of ``(y, x)`` in
+    ``[-1, 1]`` over the block's input map of ``feature_size``: ``points = reference +
+    offsets``, one set per offset group ``G``. :meth:`to_pixels` maps them to input-image
+    pixels.
+    """
+    stage: int
+    block: int
+    points: torch.Tensor
+    reference: torch.Tensor
+    feature_size: Tuple[int, int]
+    stride: int
+    align_corners: bool
+
+    def to_pixels(self, which: str = 'points') -> torch.Tensor:
+        """``points`` (or ``reference``) as ``(y, x)`` pixel coordinates of the input image."""
+        coords = getattr(self, which)
+        size = torch.tensor(self.feature_size, dtype=coords.dtype, device=coords.device)
+        if self.align_corners:
+            feature = (coords + 1) / 2 * (size - 1)
+        else:
+            feature = ((coords + 1) * size - 1) / 2
+        return (feature + 0.5) * self.stride - 0.5
 
 
 def reference_points(

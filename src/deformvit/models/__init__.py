@@ -1,3 +1,10 @@
-"""Model families; importing this package registers them with timm."""
-from .dat import *  # noqa: F401,F403
-from .eapt import *  # noqa: F401,F403
+"""Model families; importing this package registers them with timm.
+
+``import deformvit`` (or any part of it) imports this package, so ``timm.create_model`` knows
+``dat_*`` and ``eapt_*`` wherever deformvit is used.
+"""
+from ._pyramid import PyramidBackbone
+from .dat import DAT, infer_dat_variant
+from .eapt import EAPT
+
+__all__ = ['DAT', 'EAPT', 'PyramidBackbone', 'infer_dat_variant']

@@ -1,23 +1,27 @@
-"""The timm contract shared by the pyramid backbones (DAT, EAPT).
+"""The skeleton and timm contract shared by the pyramid backbones (DAT, EAPT).
 
 Both families are a stem, four stages of channels-last ``(B, H, W, C)`` maps and a
 classifier head. :class:`PyramidBackbone` holds everything that does not depend on the
-attention inside the stages: input checks, ``forward_features`` / ``forward_head``,
+attention inside the stages: the constructor's skeleton (stage sizes, stochastic-depth ramp,
+``feature_info``, final norm and head), input checks, ``forward_features`` / ``forward_head``,
 ``forward_intermediates`` (which ``features_only`` uses), classifier reset, gradient
-checkpointing, layer-decay groups and loading of checkpoint files.
+checkpointing, layer-decay groups, loading of checkpoint files, and the inspection API of
+deformable blocks (:meth:`~PyramidBackbone.deformable_blocks`,
+:meth:`~PyramidBackbone.forward_sampling_points`).
 """
+import math
 import os
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import trunc_normal_
-from timm.models import build_model_with_cfg
+from timm.layers import ClassifierHead, calculate_drop_path_rates, to_2tuple, trunc_normal_
+from timm.models import adapt_input_conv, build_model_with_cfg
 from timm.models._features import feature_take_indices
-from timm.models._manipulate import adapt_input_conv
 
 from ..checkpoint import load_state_dict_file
+from ..layers import SamplingPoints, attention_switches
 
 __all__ = ['PyramidBackbone', 'build_pyramid', 'per_stage', 'pyramid_cfg']
 
@@ -34,15 +38,68 @@ def per_stage(value, num_stages: int, name: str) -> tuple:
 class PyramidBackbone(nn.Module):
     """Base of the four-stage backbones.
 
-    Subclasses build ``stem``, ``stages`` (an ``nn.Sequential`` of modules with a
-    ``grad_checkpointing`` flag), ``norm`` and ``head`` (a timm ``ClassifierHead`` over NHWC
-    maps) and set ``num_classes``, ``in_chans``, ``global_pool``, ``num_features``,
-    ``feature_info``, ``patch_size`` and ``min_input_size``. ``checkpoint_filter`` converts
-    foreign state dicts and ``first_conv`` names the stem's convolution weight.
+    A subclass's constructor calls ``super().__init__`` with the arguments below, builds its
+    ``stem``, then its stages with :meth:`_build_stages` and the final norm and classifier with
+    :meth:`_build_head`. Its stages are modules with a ``grad_checkpointing`` flag and a
+    ``blocks`` sequence whose blocks hold their attention as ``attn``. ``checkpoint_filter``
+    converts foreign state dicts; the pretrained config's ``first_conv`` names the stem's
+    convolution.
+
+    Args:
+        img_size: input size the size-dependent tables are built for (other sizes resample them).
+        in_chans: input channels.
+        num_classes: classifier outputs (0: no classifier).
+        global_pool: classifier pooling, ``'avg'`` (the papers') or any timm pool type.
+        embed_dims: channels of the stages.
+        patch_size: stem stride; every later stage halves the resolution.
+
+    The families also share four regularisation arguments: ``drop_rate`` (dropout before the
+    classifier, :meth:`_build_head`), ``proj_drop_rate`` (after projections and in MLPs),
+    ``attn_drop_rate`` (on attention weights) and ``drop_path_rate`` (stochastic depth, ramped
+    linearly over all blocks, :meth:`_build_stages`).
     """
     checkpoint_filter: Callable[[Dict[str, torch.Tensor], nn.Module], Dict[str, torch.Tensor]]
-    first_conv: str
     no_decay_names: Tuple[str, ...] = ()  # parameter names (last component) kept out of weight decay
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]], in_chans: int, num_classes: int, global_pool: str,
+                 embed_dims: Sequence[int], patch_size: int):
+        super().__init__()
+        self.img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.embed_dims = tuple(embed_dims)
+        self.patch_size = patch_size
+        self.min_input_size = patch_size * 2 ** (len(embed_dims) - 1)
+        self.num_features = self.head_hidden_size = embed_dims[-1]
+
+    def _build_stages(self, depths: Sequence[int], drop_path_rate: float,
+                      make_stage: Callable[[int, int, int, Tuple[int, int], Sequence[float]], nn.Module]) -> None:
+        """``self.stages`` and ``self.feature_info``, built in one loop.
+
+        ``make_stage(i, dim_in, dim, feature_size, drop_path)`` builds stage ``i`` from
+        ``dim_in`` to ``dim`` channels for its ``feature_size`` map at ``img_size`` (the size
+        its tables are built for), with one stochastic-depth rate per block: a linear ramp
+        over all blocks of the network.
+        """
+        drop_paths = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
+        feature_size = [math.ceil(s / self.patch_size) for s in self.img_size]
+        self.feature_info = []
+        stages = []
+        for i, dim in enumerate(self.embed_dims):
+            if i > 0:
+                feature_size = [math.ceil(s / 2) for s in feature_size]
+            stages.append(make_stage(i, self.embed_dims[max(i - 1, 0)], dim, tuple(feature_size), drop_paths[i]))
+            self.feature_info.append(dict(num_chs=dim, reduction=self.patch_size * 2 ** i, module=f'stages.{i}'))
+        self.stages = nn.Sequential(*stages)
+
+    def _build_head(self, drop_rate: float) -> None:
+        """The final LayerNorm and the pooled linear classifier (dropout ``drop_rate`` before it); then
+        every module's initialisation."""
+        self.norm = nn.LayerNorm(self.num_features)
+        self.head = ClassifierHead(
+            self.num_features, self.num_classes, pool_type=self.global_pool, drop_rate=drop_rate, input_fmt='NHWC')
+        self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -157,6 +214,33 @@ class PyramidBackbone(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def attention_modules(self) -> List[Tuple[int, int, nn.Module]]:
+        """``(stage, block, attention)`` for every block of the network."""
+        return [(i, j, block.attn) for i, stage in enumerate(self.stages) for j, block in enumerate(stage.blocks)]
+
+    def deformable_blocks(self) -> List[Tuple[int, int, nn.Module]]:
+        """``(stage, block, attention)`` for every block whose attention samples its keys at computed
+        positions (DAT's deformable attention, EAPT's attention with offsets)."""
+        return [(i, j, attn) for i, j, attn in self.attention_modules() if getattr(attn, 'deformable', False)]
+
+    @torch.no_grad()
+    def forward_sampling_points(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[SamplingPoints]]:
+        """Classify ``x`` and return where every deformable block sampled its keys.
+
+        Returns:
+            ``(logits, points)``, one :class:`~deformvit.SamplingPoints` per deformable block
+            (:meth:`deformable_blocks`) in network order; each holds ``(B, G, Hk, Wk, 2)``
+            points and references over the block's input map.
+        """
+        records = []
+        with attention_switches(self, record_sampling=True):
+            logits = self(x)
+            for stage, block, attn in self.deformable_blocks():
+                points, reference, feature_size, align_corners = attn.recorded_points()
+                records.append(SamplingPoints(stage, block, points, reference, feature_size,
+                                              self.feature_info[stage]['reduction'], align_corners))
+        return logits, records
+
     def load_pretrained(self, checkpoint_path: str, weights_only: bool = True) -> None:
         """Load a checkpoint file (``.pth`` / ``.safetensors``) through ``checkpoint_filter``.
 
@@ -165,8 +249,9 @@ class PyramidBackbone(nn.Module):
         shape matches; the stem is adapted when ``in_chans`` differs.
         """
         state_dict = type(self).checkpoint_filter(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
-        if self.in_chans != 3 and self.first_conv in state_dict:
-            state_dict[self.first_conv] = adapt_input_conv(self.in_chans, state_dict[self.first_conv])
+        first_conv = getattr(self, 'pretrained_cfg', {}).get('first_conv', '') + '.weight'
+        if self.in_chans != 3 and first_conv in state_dict:
+            state_dict[first_conv] = adapt_input_conv(self.in_chans, state_dict[first_conv])
         own = self.state_dict()
         head_keys = [k for k in ('head.fc.weight', 'head.fc.bias') if k in state_dict]
         if any(k not in own or own[k].shape != state_dict[k].shape for k in head_keys):

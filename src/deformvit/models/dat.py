@@ -18,17 +18,16 @@ built for the actual size.
 
 Checkpoints of the official release (``{'model': state_dict}``) load through
 :func:`checkpoint_filter_fn`, which renames keys, drops derived buffers and resizes position
-tables.
+tables; :func:`infer_dat_variant` names the released model a state dict belongs to.
 """
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, LayerNorm2d, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import generate_default_cfgs, register_model
-from timm.models._manipulate import checkpoint_seq
+from timm.layers import LayerNorm2d, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from ..checkpoint import unwrap_state_dict
 from ..layers import (
@@ -46,17 +45,7 @@ from ..layers import (
 )
 from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
 
-__all__ = [
-    'DAT',
-    'DATBlock',
-    'DATStage',
-    'DeformableAttention',
-    'DeformableDetrAttention',
-    'SamplingPoints',
-    'SpatialReductionAttention',
-    'WindowAttention',
-    'checkpoint_filter_fn',
-]
+__all__ = ['DAT', 'infer_dat_variant']
 
 BLOCK_TYPES = {
     'L': 'local window attention (Swin W-MSA)',
@@ -66,32 +55,6 @@ BLOCK_TYPES = {
     'M': 'Deformable-DETR attention with K keys per query (DAT Appendix A, Table 8)',
 }
 POSITION_BIASES = ('none', 'relative', 'fixed', 'dwconv')
-
-
-class SamplingPoints(NamedTuple):
-    """Deformed points of one deformable block, for visualisation (DAT Fig. 6).
-
-    ``points`` and ``reference`` are ``(B, G, Hk, Wk, 2)`` tensors of ``(y, x)`` in
-    ``[-1, 1]`` over the block's input map of ``feature_size``: ``points = reference +
-    offsets``. :meth:`to_pixels` maps them to input-image pixels.
-    """
-    stage: int
-    block: int
-    points: torch.Tensor
-    reference: torch.Tensor
-    feature_size: Tuple[int, int]
-    stride: int
-    align_corners: bool
-
-    def to_pixels(self, which: str = 'points') -> torch.Tensor:
-        """``points`` (or ``reference``) as ``(y, x)`` pixel coordinates of the input image."""
-        coords = getattr(self, which)
-        size = torch.tensor(self.feature_size, dtype=coords.dtype, device=coords.device)
-        if self.align_corners:
-            feature = (coords + 1) / 2 * (size - 1)
-        else:
-            feature = ((coords + 1) * size - 1) / 2
-        return (feature + 0.5) * self.stride - 0.5
 
 
 def _conv_out(size: int, kernel: int, stride: int) -> int:
@@ -298,7 +261,7 @@ class DeformableAttention(nn.Module):
         self.sample_align_corners = sample_align_corners
         self.fused_attn = use_fused_attn()
         self.attn_drop = attn_drop
-        self.record_sampling = False
+        self.record_sampling = False  # keep the sampled points of the next forward in last_sampling
         self.last_sampling: Optional[Tuple[torch.Tensor, torch.Tensor, Tuple[int, int]]] = None
         self.record_attention = False  # keep the softmax weights of the next forward in last_attention
         self.last_attention: Optional[torch.Tensor] = None
@@ -320,6 +283,24 @@ class DeformableAttention(nn.Module):
             trunc_normal_(self.fixed_pos_bias, std=.01)
         elif position_bias == 'dwconv':
             self.dwc_pe = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    deformable = True  # samples its keys at computed points (PyramidBackbone.deformable_blocks)
+
+    def recorded_points(self) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int], bool]:
+        """The points recorded by the last forward with ``record_sampling``, per offset group.
+
+        Returns:
+            ``(points, reference, feature_size, align_corners)``: ``(B, G, Hk, Wk, 2)`` deformed
+            points and their references in ``[-1, 1]`` over the ``feature_size`` input map (the
+            fields of :class:`~deformvit.SamplingPoints`).
+        """
+        if self.last_sampling is None:
+            raise RuntimeError('no recorded sampling points: run a forward pass with record_sampling on '
+                               '(PyramidBackbone.forward_sampling_points does)')
+        points, reference, feature_size = self.last_sampling
+        hk, wk = points.shape[1:3]
+        points = points.reshape(-1, self.n_groups, hk, wk, 2)  # (B*G, Hk, Wk, 2) -> (B, G, Hk, Wk, 2)
+        return points, reference.expand_as(points), feature_size, self.sample_align_corners
 
     def key_grid_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """Reference grid ``H_G x W_G`` for a ``size`` query map."""
@@ -566,10 +547,9 @@ class DAT(PyramidBackbone):
     """Deformable Attention Transformer (DAT Sec. 3.3, Fig. 3, Table 1).
 
     Args:
-        img_size: input size the position tables are built for (other sizes interpolate).
-        in_chans: input channels.
-        num_classes: classifier outputs (0: no classifier).
-        global_pool: classifier pooling, ``'avg'`` (the paper's) or any timm pool type.
+        img_size, in_chans, num_classes, global_pool, patch_size, drop_rate, proj_drop_rate,
+            attn_drop_rate, drop_path_rate: as in :class:`PyramidBackbone` (position tables are
+            built for ``img_size`` and interpolated for other sizes).
         embed_dims: channels ``C`` of the four stages.
         depths: blocks per stage (``2 N_i`` of Table 1).
         num_heads: heads per stage.
@@ -589,13 +569,8 @@ class DAT(PyramidBackbone):
             (Table 8).
         sr_ratios: spatial-reduction ratios of PVT blocks ``'P'`` per stage.
         mlp_ratio: MLP expansion.
-        patch_size: stem stride.
         conv_patch_embed: overlapping convolutional stem and downsampling (Appendix B, DAT-T*).
         sample_align_corners: grid convention of deformable sampling (see ``docs/dat.md``).
-        drop_rate: dropout before the classifier.
-        proj_drop_rate: dropout after projections and in MLPs.
-        attn_drop_rate: dropout on attention weights.
-        drop_path_rate: stochastic depth, ramped linearly over all blocks.
     """
 
     def __init__(
@@ -627,7 +602,6 @@ class DAT(PyramidBackbone):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
     ):
-        super().__init__()
         num_stages = len(embed_dims)
         if stage_spec is None:
             stage_spec = [('LD' if i in deformable_stages else 'LS') * depths[i] for i in range(num_stages)]
@@ -645,7 +619,6 @@ class DAT(PyramidBackbone):
             if dim % heads or heads % n_groups:
                 raise ValueError(f'stage of {dim} channels, {heads} heads, {n_groups} groups: '
                                  'channels must divide by heads and heads by groups')
-        img_size = to_2tuple(img_size)
         window_size = per_stage(window_size, num_stages, 'window_size')
         offset_range_factor = per_stage(offset_range_factor, num_stages, 'offset_range_factor')
         offset_stride = per_stage(offset_stride, num_stages, 'offset_stride')
@@ -653,32 +626,21 @@ class DAT(PyramidBackbone):
         sr_ratios = per_stage(list(sr_ratios), num_stages, 'sr_ratios')
         offset_kernel_size = per_stage(list(offset_kernel_size), num_stages, 'offset_kernel_size')
 
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
+        super().__init__(img_size, in_chans, num_classes, global_pool, embed_dims, patch_size)
         self.stage_spec = tuple(stage_spec)
-        self.patch_size = patch_size
-        self.min_input_size = patch_size * 2 ** (num_stages - 1)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
         self.stem = Stem(in_chans, embed_dims[0], patch_size, conv_patch_embed)
 
-        dpr = calculate_drop_path_rates(drop_path_rate, [len(s) for s in stage_spec], stagewise=True)  # a ramp over all blocks
-        self.feature_info = []
-        stages = []
-        feature_size = [math.ceil(s / patch_size) for s in img_size]
-        for i in range(num_stages):
-            if i > 0:
-                feature_size = [math.ceil(s / 2) for s in feature_size]
-            stages.append(DATStage(
-                dim_in=embed_dims[max(i - 1, 0)],
-                dim=embed_dims[i],
+        def make_stage(i: int, dim_in: int, dim: int, feature_size: Tuple[int, int], drop_path) -> DATStage:
+            return DATStage(
+                dim_in=dim_in,
+                dim=dim,
                 spec=stage_spec[i],
                 downsample=i > 0,
                 overlapping_downsample=conv_patch_embed,
                 num_heads=num_heads[i],
                 window_size=window_size[i],
                 n_groups=groups[i],
-                feature_size=tuple(feature_size),
+                feature_size=feature_size,
                 offset_range_factor=offset_range_factor[i],
                 offset_kernel_size=offset_kernel_size[i],
                 offset_stride=offset_stride[i],
@@ -690,61 +652,17 @@ class DAT(PyramidBackbone):
                 mlp_ratio=mlp_ratio,
                 proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate,
-                drop_path=dpr[i],
-            ))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+                drop_path=drop_path,
+            )
 
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
-        self.apply(self._init_weights)
+        self._build_stages([len(spec) for spec in stage_spec], drop_path_rate, make_stage)
+        self._build_head(drop_rate)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
         PyramidBackbone._init_weights(module)
         if isinstance(module, DeformableDetrAttention):
             module.reset_parameters()
-
-    def deformable_blocks(self) -> List[Tuple[int, int, DeformableAttention]]:
-        """``(stage, block, attention)`` for every deformable attention module."""
-        return [
-            (i, j, block.attn)
-            for i, stage in enumerate(self.stages)
-            for j, block in enumerate(stage.blocks)
-            if isinstance(block.attn, DeformableAttention)
-        ]
-
-    @torch.no_grad()
-    def forward_sampling_points(self, x: torch.Tensor) -> Tuple[torch.Tensor, List[SamplingPoints]]:
-        """Classify ``x`` and return the deformed points of every deformable block.
-
-        Returns:
-            ``(logits, points)``, one :class:`SamplingPoints` per deformable block in
-            network order; each holds ``(B, G, Hk, Wk, 2)`` points and references.
-        """
-        blocks = self.deformable_blocks()
-        for _, _, attn in blocks:
-            attn.record_sampling = True
-        try:
-            logits = self(x)
-            records = []
-            for stage, block, attn in blocks:
-                points, reference, feature_size = attn.last_sampling
-                b, hk, wk = x.shape[0], points.shape[1], points.shape[2]
-                records.append(SamplingPoints(
-                    stage, block,
-                    points.reshape(b, attn.n_groups, hk, wk, 2),
-                    reference.expand(b, attn.n_groups, hk, wk, 2),
-                    feature_size,
-                    self.feature_info[stage]['reduction'],
-                    attn.sample_align_corners))
-        finally:
-            for _, _, attn in blocks:
-                attn.record_sampling = False
-                attn.last_sampling = None
-        return logits, records
-
 
 
 def _official_key(key: str) -> Optional[str]:
@@ -819,8 +737,43 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DAT) -> Dic
     return out
 
 
+_RELEASED_VARIANTS = {
+    # (stem channels, stage-3 depth, local window): model name
+    (96, 6, 7): 'dat_tiny',
+    (96, 18, 7): 'dat_small',
+    (128, 18, 7): 'dat_base',
+    (128, 18, 12): 'dat_base_384',
+}
+
+
+def infer_dat_variant(state_dict: Dict[str, torch.Tensor]) -> str:
+    """Name of the released DAT model a state dict (official or ours) belongs to.
+
+    Raises:
+        ValueError: the layout matches none of ``dat_tiny``, ``dat_small``, ``dat_base``,
+            ``dat_base_384``.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    if 'patch_proj.0.weight' in state_dict:  # official layout
+        stem = state_dict['patch_proj.0.weight'].shape[0]
+        depth = len({k.split('.')[3] for k in state_dict if k.startswith('stages.2.attns.')})
+        table = state_dict.get('stages.0.attns.0.relative_position_bias_table')
+    elif 'stem.conv.weight' in state_dict:
+        stem = state_dict['stem.conv.weight'].shape[0]
+        depth = len({k.split('.')[3] for k in state_dict if k.startswith('stages.2.blocks.')})
+        table = state_dict.get('stages.0.blocks.0.attn.relative_position_bias_table')
+    else:
+        raise ValueError('not a DAT state dict: it has neither patch_proj.0.weight (official layout) '
+                         'nor stem.conv.weight (deformvit layout)')
+    window = int(round(((table.shape[0] ** 0.5) + 1) / 2)) if table is not None else 7
+    key = (stem, depth, window)
+    if key not in _RELEASED_VARIANTS:
+        raise ValueError(f'a DAT model with stem width {stem}, {depth} stage-3 blocks and window {window} is not '
+                         f'one of the released ones; name it explicitly (--model)')
+    return _RELEASED_VARIANTS[key]
+
+
 DAT.checkpoint_filter = staticmethod(checkpoint_filter_fn)
-DAT.first_conv = 'stem.conv.weight'
 DAT.no_decay_names = ('relative_position_bias_table', 'rel_pos_table', 'fixed_pos_bias')
 
 

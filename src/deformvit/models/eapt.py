@@ -29,9 +29,8 @@ from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import ClassifierHead, PatchEmbed, calculate_drop_path_rates, to_2tuple, trunc_normal_, use_fused_attn
-from timm.models import generate_default_cfgs, register_model
-from torch.utils.checkpoint import checkpoint
+from timm.layers import PatchEmbed, to_2tuple, trunc_normal_, use_fused_attn
+from timm.models import checkpoint, generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging
 
 from ..checkpoint import unwrap_state_dict
@@ -51,16 +50,7 @@ from ..layers import (
 )
 from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
 
-__all__ = [
-    'EAPT',
-    'EAPTBlock',
-    'EAPTStage',
-    'DeformableWindowAttention',
-    'EnDeC',
-    'WindowGeometry',
-    'WindowOffsetNetwork',
-    'checkpoint_filter_fn',
-]
+__all__ = ['EAPT']
 
 POSITION_ENCODINGS = ('mcmd', 'sinusoidal', 'embedding', 'relative', 'floater', 'none')
 # MLP expansion: the paper does not state it; Table III's parameter and FLOP counts each fix it
@@ -216,8 +206,8 @@ class DeformableWindowAttention(nn.Module):
         self.position_encoding = position_encoding
         self.fused_attn = use_fused_attn()
         self.attn_drop = attn_drop
-        self.record_sampling = False
-        self.last_sampling: Optional[torch.Tensor] = None
+        self.record_sampling = False  # keep the key positions of the next forward in last_sampling
+        self.last_sampling: Optional[Tuple[torch.Tensor, 'WindowGeometry']] = None
 
         if position_encoding == 'mcmd':
             self.position = MCMD(mcmd_widths)
@@ -246,6 +236,34 @@ class DeformableWindowAttention(nn.Module):
             self.endec = None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+
+    @property
+    def deformable(self) -> bool:
+        """Whether the keys are read at moved positions (False with ``broaden_size`` 0)."""
+        return self.offset_net is not None
+
+    def recorded_points(self) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int], bool]:
+        """The key positions ``C(l + o)`` recorded by the last forward with ``record_sampling``, on the map.
+
+        Each window position ``l`` reads its key at ``C(l + o)``; the positions are laid back on
+        the stage's map, one group.
+
+        Returns:
+            ``(points, reference, feature_size, align_corners)``: ``(B, 1, H, W, 2)`` key positions
+            and the positions ``l`` they moved from, ``(y, x)`` in ``[-1, 1]`` with
+            ``align_corners=True`` over the ``feature_size`` map (the fields of
+            :class:`~deformvit.SamplingPoints`).
+        """
+        if self.last_sampling is None:
+            raise RuntimeError('no recorded key positions: run a forward pass with record_sampling on '
+                               '(PyramidBackbone.forward_sampling_points does)')
+        positions, geometry = self.last_sampling  # (B, nW, N, 2)
+        (h, w), device = geometry.size, positions.device
+        positions = geometry.reverse(positions.flatten(0, 1).view(-1, *geometry.window, 2))[:, :h, :w]  # (B, H, W, 2)
+        scale = torch.tensor([max(h - 1, 1), max(w - 1, 1)], dtype=torch.float32, device=device)
+        reference = _position_grid(h, w, device) / scale * 2 - 1
+        points = (positions / scale * 2 - 1)[:, None]
+        return points, reference.expand_as(points), (h, w), True
 
     def effective_window(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """The window used on a ``size`` map: a map smaller than the window is one window."""
@@ -315,7 +333,7 @@ class DeformableWindowAttention(nn.Module):
         else:
             positions = self.key_positions(x, geometry)  # (B*nW, N, 2)
             if self.record_sampling:
-                self.last_sampling = positions.detach().unflatten(0, (-1, num_windows))
+                self.last_sampling = (positions.detach().unflatten(0, (-1, num_windows)), geometry)
             # Eq. (3): bilinear reads of the (unpadded) map at the clamped positions
             (h, w) = geometry.size
             spatial = geometry.reverse(x)[:, :h, :w].permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
@@ -441,7 +459,7 @@ class EAPTStage(nn.Module):
         x = geometry.partition(pad_to_multiple(x, geometry.window))
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, geometry, use_reentrant=False)
+                x = checkpoint(block, x, geometry)
             else:
                 x = block(x, geometry)
         x = geometry.reverse(x)
@@ -455,10 +473,9 @@ class EAPT(PyramidBackbone):
     patch merging between them, and a pooled linear classifier (Fig. 2, Table II).
 
     Args:
-        img_size: input size learned position tables are built for (other sizes resample).
-        in_chans: input channels.
-        num_classes: classifier outputs (0: no classifier).
-        global_pool: classifier pooling (``'avg'``).
+        img_size, in_chans, num_classes, global_pool, patch_size, drop_rate, proj_drop_rate,
+            attn_drop_rate, drop_path_rate: as in :class:`PyramidBackbone` (learned position
+            tables are built for ``img_size`` and resampled for other sizes).
         embed_dims: ``dim`` of the four stages (Table II).
         depths: blocks per stage (Table II).
         num_heads: ``head`` per stage (Table II).
@@ -474,11 +491,6 @@ class EAPT(PyramidBackbone):
         endec_kernel_size: En-DeC kernel (default 3 windows), scalar or per stage.
         endec_stride: En-DeC stride (default one window), scalar or per stage.
         mlp_ratio: MLP expansion (see ``docs/eapt.md``: Table III fixes it per variant).
-        patch_size: patch embedding stride.
-        drop_rate: dropout before the classifier.
-        proj_drop_rate: dropout after projections and in MLPs.
-        attn_drop_rate: dropout on attention weights.
-        drop_path_rate: stochastic depth, ramped linearly over all blocks.
     """
 
     def __init__(
@@ -506,42 +518,29 @@ class EAPT(PyramidBackbone):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.,
     ):
-        super().__init__()
         num_stages = len(embed_dims)
         for name, seq in (('depths', depths), ('num_heads', num_heads), ('endec_channels', endec_channels)):
             per_stage(list(seq), num_stages, name)
         if position_encoding not in POSITION_ENCODINGS:
             raise ValueError(f'position_encoding {position_encoding!r} is not one of {POSITION_ENCODINGS}')
-        img_size = to_2tuple(img_size)
         broaden_size = per_stage(broaden_size, num_stages, 'broaden_size')
         window_size = per_stage(window_size, num_stages, 'window_size')
         endec_kernel_size = per_stage(endec_kernel_size, num_stages, 'endec_kernel_size')
         endec_stride = per_stage(endec_stride, num_stages, 'endec_stride')
 
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.patch_size = patch_size
-        self.min_input_size = patch_size * 2 ** (num_stages - 1)
-        self.num_features = self.head_hidden_size = embed_dims[-1]
+        super().__init__(img_size, in_chans, num_classes, global_pool, embed_dims, patch_size)
         self.stem = PatchEmbed(
-            img_size, patch_size, in_chans, embed_dims[0], norm_layer=nn.LayerNorm, flatten=False,
+            self.img_size, patch_size, in_chans, embed_dims[0], norm_layer=nn.LayerNorm, flatten=False,
             output_fmt='NHWC', strict_img_size=False, dynamic_img_pad=True)
 
-        dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)  # a ramp over all blocks
-        self.feature_info = []
-        stages = []
-        feature_size = [math.ceil(s / patch_size) for s in img_size]
-        for i in range(num_stages):
-            if i > 0:
-                feature_size = [math.ceil(s / 2) for s in feature_size]
+        def make_stage(i: int, dim_in: int, dim: int, feature_size: Tuple[int, int], drop_path) -> EAPTStage:
             attn_kwargs = dict(
                 num_heads=num_heads[i],
                 window_size=window_size[i],
                 broaden_size=broaden_size[i],
                 offset_kernel_size=offset_kernel_size,
                 position_encoding=position_encoding,
-                feature_size=tuple(feature_size),
+                feature_size=feature_size,
                 mcmd_widths=mcmd_widths,
                 endec_channels=tuple(endec_channels[i]) if use_endec else None,
                 endec_kernel_size=endec_kernel_size[i],
@@ -549,20 +548,10 @@ class EAPT(PyramidBackbone):
                 attn_drop=attn_drop_rate,
                 proj_drop=proj_drop_rate,
             )
-            stages.append(EAPTStage(
-                embed_dims[max(i - 1, 0)], embed_dims[i], depths[i], i > 0, attn_kwargs, mlp_ratio,
-                proj_drop_rate, dpr[i]))
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=patch_size * 2 ** i, module=f'stages.{i}'))
-        self.stages = nn.Sequential(*stages)
+            return EAPTStage(dim_in, dim, depths[i], i > 0, attn_kwargs, mlp_ratio, proj_drop_rate, drop_path)
 
-        self.norm = nn.LayerNorm(self.num_features)
-        self.head = ClassifierHead(
-            self.num_features, num_classes, pool_type=global_pool, drop_rate=drop_rate, input_fmt='NHWC')
-        self.apply(self._init_weights)
-
-    def attention_modules(self):
-        """``(stage, block, attention)`` for every block."""
-        return [(i, j, block.attn) for i, stage in enumerate(self.stages) for j, block in enumerate(stage.blocks)]
+        self._build_stages(depths, drop_path_rate, make_stage)
+        self._build_head(drop_rate)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EAPT) -> Dict[str, torch.Tensor]:
@@ -588,7 +577,6 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EAPT) -> Di
 
 
 EAPT.checkpoint_filter = staticmethod(checkpoint_filter_fn)
-EAPT.first_conv = 'stem.proj.weight'
 EAPT.no_decay_names = ('rel_pos_table', 'pos_embed', 'initial')
 
 

@@ -1,35 +1,25 @@
-"""What the shared training loop (:mod:`deformvit.train`) needs to know about a task.
+"""What the shared training loop (:mod:`deformvit.training`) needs to know about a task.
 
 One loop trains every task on one device or many: recipes and overrides, DDP, AMP,
 gradient accumulation and clipping, EMA, atomic checkpoints with exact resume, progress
-bars, CSV/TensorBoard logs. A :class:`Task` supplies the rest: its recipe fields, data,
-model, the loss of a batch, the evaluation and the figures of a finished run.
+bars, CSV/TensorBoard logs. A :class:`Task` supplies the rest: its recipe fields and flags,
+data, model, the loss of a batch, the evaluation and the figures of a finished run.
+
+A task keeps no state: every method computes its answer from the resolved config (and the
+classes of the data) it is given, so the methods may be called in any order, and as often as
+wanted.
 """
-import argparse
-import json
-import os
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..checkpoint import UnsafeCheckpointError, read_safetensors_metadata
-from ..data import IMAGE_EXTENSIONS, DatasetError, _find_images
+__all__ = ['Evaluation', 'Step', 'Task']
 
-__all__ = ['COMMON_DEFAULTS', 'Evaluation', 'Task', 'add_train_command', 'checkpoint_metadata', 'class_colors', 'guarded', 'iter_images']
-
-COMMON_DEFAULTS = dict(
-    description='', task='classify', data=None, epochs=300, iterations=None, batch_size=128, accum_steps=1,
-    opt='adamw', lr=None, lr_base=1e-3, lr_base_size=1024, sched='cosine', min_lr=1e-7, warmup_lr=1e-6,
-    warmup_epochs=20, warmup_updates=None, decay_epochs=[], decay_rate=0.1, poly_power=1.0, weight_decay=0.05,
-    clip_grad=None, drop_path=0.0, model_ema=False, ema_decay=0.9998, eval_every=1, workers=4, seed=0,
-    device='auto', precision='auto', compile=False, grad_checkpointing=False, channels_last=False, pretrained=None,
-    output=None,
-)
-COMMON_FLAGS = ('data', 'epochs', 'batch_size', 'accum_steps', 'lr', 'workers', 'seed', 'device', 'precision',
-                'output', 'pretrained')
+# The loss of one training batch: ``step(model, inputs, targets, device) -> (loss, images)``, run
+# under autocast; a None loss skips the batch.
+Step = Callable[[nn.Module, Any, Any, torch.device], Tuple[Optional[torch.Tensor], int]]
 
 
 @dataclass
@@ -41,28 +31,39 @@ class Evaluation:
     detail: Any = None  # task-specific (confusion matrix, per-class values...)
 
 
-@dataclass
 class Task:
-    """A task's part of training: subclasses fill in the fields and override the methods.
+    """A task's part of training; subclasses set the attributes and override the methods.
 
     Attributes:
         name: ``'classify'``, ``'detect'`` or ``'segment'`` (the ``task`` field of recipes).
         command: the command that trains it, for messages.
-        defaults: recipe fields of the task, added to :data:`COMMON_DEFAULTS`.
+        defaults: recipe fields of the task, added to the common ones of
+            :mod:`deformvit.training.config`.
         flags: recipe fields that have a command-line flag besides the common ones.
-        metrics: evaluation metrics logged every epoch; the first selects ``best.safetensors``.
         model_field: the recipe field naming the (backbone) model, for run folders and
             per-model ``drop_path`` tables.
+        find_unused_parameters: DDP must look for parameters without gradients.
     """
     name: str = ''
     command: str = ''
-    defaults: Dict = field(default_factory=dict)
+    defaults: Dict = {}
     flags: Tuple[str, ...] = ()
-    metrics: Tuple[str, ...] = ()
     model_field: str = 'model'
     find_unused_parameters: bool = False
 
+    def add_arguments(self, parser) -> None:
+        """Add the task's own command-line flags (its data, model and framework) to an argparse parser."""
+
     def default_recipe(self, data: Optional[str]) -> str:
+        """The recipe used without ``--recipe``: the built-in job without data, the paper's with it."""
+        raise NotImplementedError
+
+    def run_name(self, config: Dict) -> str:
+        """The model part of a run folder's default name."""
+        return str(config[self.model_field])
+
+    def metrics(self, config: Dict) -> Tuple[str, ...]:
+        """The evaluation metrics logged every epoch; the first selects ``best.safetensors``."""
         raise NotImplementedError
 
     def datasets(self, config: Dict) -> Tuple[Any, Any]:
@@ -81,97 +82,18 @@ class Task:
         """``(model, architecture, rebuild kwargs)``; the kwargs and architecture go into checkpoints."""
         raise NotImplementedError
 
-    def step(self, model: nn.Module, inputs: Any, targets: Any, device: torch.device) -> Tuple[torch.Tensor, int]:
-        """Move a batch to ``device`` and return ``(loss, number of images)``; runs under autocast."""
+    def training_step(self, config: Dict, classes: List[str]) -> Step:
+        """The loss of a training batch (:data:`Step`) under ``config``."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, loader, ctx, autocast: Callable, config: Dict) -> Evaluation:
+        """Evaluate ``model`` on every batch of ``loader``, summed over the processes of ``ctx``."""
         raise NotImplementedError
 
     def describe(self, evaluation: Evaluation) -> str:
         """The metrics part of the per-epoch line."""
-        return ', '.join(f'{k} {evaluation.metrics[k]:.2f}' for k in self.metrics)
+        return ', '.join(f'{k} {v:.2f}' for k, v in evaluation.metrics.items())
 
     def reports(self, folder: str, rows: List[Dict], evaluation: Evaluation, classes: List[str]) -> List[str]:
         """Write the figures of a finished run; return lines naming them."""
         return []
-
-
-def checkpoint_metadata(path: str) -> Dict:
-    """``task``, ``architecture``, ``model_kwargs`` and ``classes`` recorded in a deformvit checkpoint.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: the file is not a deformvit ``.safetensors`` training checkpoint.
-    """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f'no checkpoint file at {path}')
-    if not path.endswith('.safetensors'):
-        raise ValueError(f'{path}: expected a .safetensors checkpoint written by a deformvit training run')
-    metadata = read_safetensors_metadata(path)
-    if 'architecture' not in metadata:
-        raise ValueError(f'{path} does not record its architecture; expected a checkpoint written by a deformvit '
-                         'training run (last.safetensors or best.safetensors)')
-    return dict(task=metadata.get('task', 'classify'), architecture=metadata['architecture'],
-                model_kwargs=json.loads(metadata.get('model_kwargs', '{}')),
-                classes=json.loads(metadata['classes']) if 'classes' in metadata else None)
-
-
-def _image_files(inputs: Sequence[str]) -> List[str]:
-    files = []
-    for item in inputs:
-        if os.path.isdir(item):
-            files.extend(_find_images(item))
-        elif os.path.isfile(item):
-            files.append(item)
-        else:
-            raise FileNotFoundError(f'{item} is neither an image file nor a folder')
-    if not files:
-        raise DatasetError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
-    return files
-
-
-def iter_images(inputs: Sequence[str]):
-    """``(path, RGB PIL image)`` for each image file of ``inputs`` (files or folders); None for unreadable ones.
-
-    Raises:
-        FileNotFoundError: an input is neither a file nor a folder.
-        DatasetError: the inputs hold no image files.
-    """
-    from PIL import Image
-    for path in _image_files(inputs):
-        try:
-            with Image.open(path) as image:
-                yield path, image.convert('RGB')
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            yield path, None
-
-
-def guarded(func, command: str):
-    """``func(args)``, turning data, file and checkpoint errors into a message and exit status 1."""
-
-    def run(args):
-        try:
-            return func(args)
-        except (DatasetError, ValueError, FileNotFoundError, UnsafeCheckpointError) as err:
-            print(f'{command}: {err}', file=sys.stderr)
-            raise SystemExit(1) from err
-    return run
-
-
-def add_train_command(commands, task_type: type, help: str, description: str, data_help: str) -> None:
-    """The ``train`` sub-command of a dense task: the shared training flags plus ``--data`` and ``--backbone``."""
-    from .. import train
-    parser = commands.add_parser('train', help=help, description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--data', help=f'{data_help}; default: the embedded digit scenes')
-    parser.add_argument('--backbone', help='registered model: dat_tiny, eapt_small, ... or a timm model')
-    train.add_arguments(parser, task_type())
-    parser.set_defaults(func=lambda args: train.main(args, task_type()))
-
-
-def class_colors(num_classes: int) -> List[Tuple[int, int, int]]:
-    """One RGB colour (0-255) per class index, from matplotlib's ``tab20`` (repeating after 20)."""
-    import matplotlib
-    cmap = matplotlib.colormaps['tab20']
-    return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_classes)]

@@ -1,34 +1,47 @@
-"""Image classification: ImageNet-style folders or the embedded digits, timm's augmentation."""
+"""Image classification: ImageNet-style folders or the embedded digits, timm's augmentation,
+top-1 / top-5, per-class accuracy and the confusion matrix."""
+import contextlib
 import csv
 import os
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
+import numpy as np
 import timm
 import torch
+import torch.distributed as dist
+import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import accuracy
+from torch.utils.data import DataLoader
 
-from ..data import DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
-from ..engine import evaluate
+from ..data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
+from ..runtime import DistributedContext
 from .base import Evaluation, Task
 
-__all__ = ['ClassificationTask']
+__all__ = ['ClassificationTask', 'EvalResult', 'evaluate_classifier', 'evaluate_folder', 'plot_confusion_matrix']
 
 
-@dataclass
 class ClassificationTask(Task):
     """``deformvit train``: timm's transforms, Mixup/CutMix, label smoothing; top-1/top-5."""
-    name: str = 'classify'
-    command: str = 'deformvit train'
-    defaults: Dict = field(default_factory=lambda: dict(
+    name = 'classify'
+    command = 'deformvit train'
+    defaults = dict(
         model='dat_tiny', img_size=224, label_smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0,
-        hflip=0.5, scale=[0.08, 1.0], augment=True))
-    flags: tuple = ('model', 'img_size')
-    metrics: tuple = ('top1', 'top5', 'val_loss')
+        hflip=0.5, scale=[0.08, 1.0], augment=True)
+    flags = ('model', 'img_size')
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument('--model', help='any registered model name (dat_nano, dat_tiny, ... or a timm model)')
+        parser.add_argument('--data', help='folder with train/<class>/* and val/<class>/*; default: embedded digits')
+        parser.add_argument('--img-size', type=int, help='training and evaluation resolution')
 
     def default_recipe(self, data: Optional[str]) -> str:
         return 'digits' if data is None else 'dat-in1k'
+
+    def metrics(self, config: Dict) -> Tuple[str, ...]:
+        return 'top1', 'top5', 'val_loss'
 
     def datasets(self, config: Dict):
         pretrained_cfg = timm.models.get_pretrained_cfg(config['model'])
@@ -58,19 +71,49 @@ class ClassificationTask(Task):
         except TypeError:  # a timm model without img_size
             kwargs.pop('img_size')
             model = timm.create_model(config['model'], **kwargs)
-        self.channels_last = config['channels_last']
-        self.mixup, self.loss_fn = None, torch.nn.CrossEntropyLoss()
-        if config['mixup'] > 0 or config['cutmix'] > 0:
-            self.mixup = Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'],
-                               label_smoothing=config['label_smoothing'], num_classes=len(classes))
-            self.loss_fn = SoftTargetCrossEntropy()
-        elif config['label_smoothing'] > 0:
-            self.loss_fn = LabelSmoothingCrossEntropy(config['label_smoothing'])
         file_kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay',
                                                                     'drop_path_rate')}
         return model, config['model'], file_kwargs
 
-    def step(self, model, inputs, targets, device):
+    def training_step(self, config: Dict, classes: List[str]):
+        return _ClassificationStep(config, len(classes))
+
+    def evaluate(self, model, loader, ctx, autocast, config) -> Evaluation:
+        result = evaluate_classifier(model, loader, len(loader.dataset.classes), ctx, autocast,
+                                     config.get('channels_last', False))
+        return Evaluation(dict(top1=result.top1, top5=result.top5, val_loss=result.loss), result.images,
+                          result.skipped, result)
+
+    def describe(self, evaluation: Evaluation) -> str:
+        m = evaluation.metrics
+        return f"val loss {m['val_loss']:.4f}, top-1 {m['top1']:.2f}%, top-5 {m['top5']:.2f}%"
+
+    def reports(self, folder, rows, evaluation, classes):
+        result = evaluation.detail
+        plot_confusion_matrix(result.confusion, classes, os.path.join(folder, 'confusion_matrix.png'))
+        with open(os.path.join(folder, 'confusion_matrix.csv'), 'w', newline='') as f:
+            writer = csv.writer(f)
+            writer.writerow(['true\\predicted'] + classes)
+            for name, counts in zip(classes, result.confusion.astype(int).tolist()):
+                writer.writerow([name] + counts)
+        return [f'held-out top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% on {result.images} images',
+                f'  confusion matrix: {os.path.join(folder, "confusion_matrix.png")} (.csv)']
+
+
+class _ClassificationStep:
+    """The loss of a classification batch: Mixup/CutMix with soft targets, or label smoothing."""
+
+    def __init__(self, config: Dict, num_classes: int):
+        self.channels_last = config['channels_last']
+        self.mixup, self.loss_fn = None, torch.nn.CrossEntropyLoss()
+        if config['mixup'] > 0 or config['cutmix'] > 0:
+            self.mixup = Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'],
+                               label_smoothing=config['label_smoothing'], num_classes=num_classes)
+            self.loss_fn = SoftTargetCrossEntropy()
+        elif config['label_smoothing'] > 0:
+            self.loss_fn = LabelSmoothingCrossEntropy(config['label_smoothing'])
+
+    def __call__(self, model, inputs, targets, device):
         x, y = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -82,23 +125,109 @@ class ClassificationTask(Task):
             x, y = self.mixup(x, y)
         return self.loss_fn(model(x), y), x.shape[0]
 
-    def evaluate(self, model, loader, ctx, autocast, config) -> Evaluation:
-        result = evaluate(model, loader, len(loader.dataset.classes), ctx, autocast, config['channels_last'])
-        return Evaluation(dict(top1=result.top1, top5=result.top5, val_loss=result.loss), result.images,
-                          result.skipped, result)
 
-    def describe(self, evaluation: Evaluation) -> str:
-        m = evaluation.metrics
-        return f"val loss {m['val_loss']:.4f}, top-1 {m['top1']:.2f}%, top-5 {m['top5']:.2f}%"
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    images: int
+    skipped: int
+    per_class: List[float]
+    confusion: np.ndarray  # (true, predicted) counts
 
-    def reports(self, folder, rows, evaluation, classes):
-        from ..reports import plot_confusion_matrix
-        result = evaluation.detail
-        plot_confusion_matrix(result.confusion, classes, os.path.join(folder, 'confusion_matrix.png'))
-        with open(os.path.join(folder, 'confusion_matrix.csv'), 'w', newline='') as f:
-            writer = csv.writer(f)
-            writer.writerow(['true\\predicted'] + classes)
-            for name, counts in zip(classes, result.confusion.astype(int).tolist()):
-                writer.writerow([name] + counts)
-        return [f'held-out top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}% on {result.images} images',
-                f'  confusion matrix: {os.path.join(folder, "confusion_matrix.png")} (.csv)']
+
+@torch.no_grad()
+def evaluate_classifier(
+        model: nn.Module,
+        loader: Iterable,
+        num_classes: int,
+        ctx: DistributedContext,
+        autocast: Callable = contextlib.nullcontext,
+        channels_last: bool = False,
+) -> EvalResult:
+    """Top-1/top-5 accuracy (in %), loss, per-class accuracy and the confusion matrix."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64, device=ctx.device)
+    loss_sum, top1_sum, top5_sum, images, skipped = 0.0, 0.0, 0.0, 0, 0
+    for x, y, n_skipped in loader:
+        skipped += n_skipped
+        if x is None:
+            continue
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction='sum').item()
+        top1, top5 = accuracy(logits, y, topk=(1, min(5, num_classes)))
+        top1_sum += top1.item() * x.shape[0] / 100
+        top5_sum += top5.item() * x.shape[0] / 100
+        images += x.shape[0]
+        confusion.index_put_((y, logits.argmax(-1)), torch.ones_like(y, dtype=torch.float64), accumulate=True)
+    loss_sum, top1_sum, top5_sum, images, skipped = ctx.all_reduce_sum([loss_sum, top1_sum, top5_sum, images, skipped])
+    if ctx.distributed:
+        dist.all_reduce(confusion)
+    confusion = confusion.cpu().numpy()
+    totals = confusion.sum(1)
+    per_class = [float(confusion[i, i] / totals[i] * 100) if totals[i] else float('nan') for i in range(num_classes)]
+    n = max(images, 1)
+    return EvalResult(loss_sum / n, top1_sum / n * 100, top5_sum / n * 100, int(images), int(skipped),
+                      per_class, confusion)
+
+
+def evaluate_folder(loaded, data: Optional[str], ctx, img_size: Optional[int] = None, batch_size: int = 64,
+                    workers: int = 2) -> Tuple[EvalResult, List[str], Dict]:
+    """Top-1/top-5 and per-class accuracy of a loaded classifier on a folder of class folders.
+
+    Preprocessing is the model's pretrained_cfg: resize by crop_pct, center crop, mean/std
+    normalisation (timm's eval transform).
+
+    Args:
+        loaded: the classifier, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
+        data: a folder of class folders, or a dataset root with ``val/``; None: the held-out embedded digits.
+        ctx: the processes to evaluate on (:class:`~deformvit.runtime.DistributedContext`).
+        img_size: evaluation resolution (default: the model's).
+
+    Returns:
+        ``(result, class names, data config)``.
+
+    Raises:
+        DatasetError: bad data, or another number of classes than the model predicts.
+    """
+    model = loaded.model
+    data_cfg = resolve_data_config({'input_size': (3, img_size, img_size)} if img_size else {}, model=model)
+    transform = create_transform(**data_cfg, is_training=False)
+    if data is None:
+        dataset = DigitsDataset('val', transform)
+    else:
+        dataset = ImageFolderDataset(validation_folder(data) or data, transform, classes=loaded.classes)
+    if model.num_classes != len(dataset.classes):
+        raise DatasetError(f'{loaded.source} predicts {model.num_classes} classes but the data has '
+                           f'{len(dataset.classes)} class folders')
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_skipping_corrupt)
+    return evaluate_classifier(model.to(ctx.device), loader, model.num_classes, ctx), list(dataset.classes), data_cfg
+
+
+def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: str, max_labels: int = 40) -> None:
+    """Row-normalised confusion matrix (true classes as rows)."""
+    from matplotlib.figure import Figure
+    totals = confusion.sum(1, keepdims=True)
+    normalised = np.divide(confusion, totals, out=np.zeros_like(confusion, dtype=float), where=totals > 0)
+    size = min(12, 3 + 0.35 * len(classes))
+    fig = Figure(figsize=(size, size))
+    ax = fig.subplots()
+    image = ax.imshow(normalised, cmap='Blues', vmin=0, vmax=1)
+    if len(classes) <= max_labels:
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_yticks(range(len(classes)), classes)
+        if len(classes) <= 12:
+            for i in range(len(classes)):
+                for j in range(len(classes)):
+                    ax.text(j, i, int(confusion[i, j]), ha='center', va='center', fontsize=8,
+                            color='white' if normalised[i, j] > 0.5 else 'black')
+    ax.set(xlabel='predicted', ylabel='true', title='Confusion matrix (held out)')
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

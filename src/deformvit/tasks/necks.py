@@ -7,18 +7,25 @@ so every output level gets its own LayerNorm, as Swin Transformer and DAT do whe
 detection and segmentation frameworks.
 """
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import timm
 import torch
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-from .. import models  # noqa: F401  (registers the models)
+__all__ = ['PyramidFeatures', 'create_backbone', 'input_normalisation']
 
-__all__ = ['PyramidFeatures', 'create_backbone']
+
+def input_normalisation(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` of the inputs the backbone ``name`` was pretrained on (ImageNet's when it has no config)."""
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return tuple(cfg.mean), tuple(cfg.std)
 
 
 def create_backbone(
@@ -87,6 +94,9 @@ class PyramidFeatures(nn.Module):
         self.out_channels = out_channels
         self.strides = backbone.feature_info.reduction()
 
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        levels = self.body(x)
+    def neck(self, levels: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """The pyramid of the backbone's ``levels``: LayerNorm each, then the FPN and its extra levels."""
         return self.fpn(OrderedDict((str(i), norm(level)) for i, (norm, level) in enumerate(zip(self.norms, levels))))
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.neck(self.body(x))

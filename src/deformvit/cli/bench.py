@@ -1,0 +1,102 @@
+"""``deformvit bench``: throughput, latency and peak memory beside timm references."""
+import argparse
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..runtime import PRECISIONS
+from ..tools import bench
+from ..tools.bench import (
+    DAT_TABLE8_ROWS,
+    DEFAULT_MODELS,
+    DEFAULT_REFERENCES,
+    MODES,
+    SWIN_T,
+    TABLE8_BATCH,
+    benchmark,
+    format_markdown,
+    format_table8_markdown,
+    table8_memory,
+    torch_threads,
+    write_csv,
+)
+
+__all__ = ['add_arguments', 'register', 'run']
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME',
+                        help=f'models to measure, any timm name (default: {" ".join(DEFAULT_MODELS)})')
+    parser.add_argument('--references', nargs='+', default=list(DEFAULT_REFERENCES), metavar='NAME',
+                        help='timm reference models measured in the same run, or "none" '
+                             f'(default: {" ".join(DEFAULT_REFERENCES)})')
+    parser.add_argument('--ratio-to', metavar='NAME',
+                        help=f'model the ratio columns divide by (default: {SWIN_T} when measured)')
+    parser.add_argument('--device', help='cpu, cuda[:N] or meta (memory only); default: cuda if available, '
+                                         'else cpu (--table8: else meta)')
+    parser.add_argument('--precision', nargs='+', default=['fp32'], choices=list(PRECISIONS),
+                        help='fp32, and/or bf16 / fp16 under autocast (default: fp32)')
+    parser.add_argument('--compile', action='store_true', help='torch.compile the models (compile time reported apart)')
+    parser.add_argument('--mode', choices=('infer', 'train', 'both'), default='infer',
+                        help='infer: forward pass; train: forward, backward and AdamW step (default: infer)')
+    parser.add_argument('--batch', type=int, help='images per batch (default: 16; --table8: 64)')
+    parser.add_argument('--size', type=int, default=224, help='input side (default: 224)')
+    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--warmup', type=int, default=3, help='untimed rounds (default: 3)')
+    parser.add_argument('--repeats', type=int, default=10, help='timed rounds; medians over them (default: 10)')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory pass')
+    parser.add_argument('--table8', action='store_true',
+                        help='measure the memory column of DAT Table 8 (D-DETR vs DAT attention) instead')
+    parser.add_argument('--csv', metavar='PATH', help='also write the rows as CSV')
+    parser.add_argument('--markdown', metavar='PATH', help='also write the table as markdown')
+
+
+def _model_list(args: argparse.Namespace) -> List[str]:
+    references = [] if [r.lower() for r in args.references] == ['none'] else args.references
+    names = []
+    for name in [*args.models, *references]:
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _write(args: argparse.Namespace, rows: Sequence[Dict], markdown: str) -> None:
+    print(markdown, end='')
+    if args.csv:
+        write_csv(rows, args.csv)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(markdown)
+
+
+def run(args: argparse.Namespace, extra_models: Optional[Mapping[str, nn.Module]] = None) -> List[Dict]:
+    """Run ``deformvit bench``; ``extra_models`` (label -> module) are measured before the named ones."""
+    if args.table8:
+        if len(args.precision) > 1 or args.compile:
+            raise ValueError('--table8 measures memory, at one --precision, without --compile')
+        device = args.device or ('cuda' if torch.cuda.is_available() else 'meta')
+        with torch_threads(args.threads):
+            results = table8_memory(DAT_TABLE8_ROWS, batch=args.batch or TABLE8_BATCH, size=args.size,
+                                    device=device, precision=args.precision[0])
+        rows = [dict(r, kwargs=repr(r['kwargs'])) for r in results]
+        _write(args, rows, format_table8_markdown(results))
+        return rows
+    models = dict(extra_models or {})
+    models.update((name, name) for name in _model_list(args))
+    reference = args.ratio_to or (SWIN_T if SWIN_T in models else None)
+    modes = MODES if args.mode == 'both' else (args.mode,)
+    rows = benchmark(
+        models, batch=args.batch or 16, size=args.size, device=args.device, precisions=args.precision,
+        modes=modes, compile_models=args.compile, warmup=args.warmup, repeats=args.repeats,
+        threads=args.threads, reference=reference, memory=not args.no_memory)
+    _write(args, rows, format_markdown(rows))
+    return rows
+
+
+def register(commands) -> None:
+    parser = commands.add_parser('bench', help='throughput, latency and peak memory beside timm references; '
+                                               '--table8: DAT Table 8 memory',
+                                 description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.set_defaults(func=run, prog='deformvit bench')

@@ -1,0 +1,122 @@
+"""``deformvit detect`` and ``deformvit segment``: train, eval and predict."""
+import argparse
+from typing import Dict
+
+from ..runtime import init_distributed
+from ..tasks import TASK_NAMES, get_task, load_model
+from ..tasks.detection import task as detection
+from ..tasks.segmentation import task as segmentation
+from .train import add_training_arguments
+
+__all__ = ['register']
+
+
+def _add_commands(commands, name: str, help: str, module, train_help: str, eval_help: str, predict_help: str):
+    """The ``train``, ``eval`` and ``predict`` sub-commands of a dense task; returns the eval and predict parsers."""
+    task = get_task(name)
+    parser = commands.add_parser(name, help=help, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest='action', required=True)
+    add_training_arguments(actions.add_parser('train', help=train_help, description=module.__doc__,
+                                              formatter_class=argparse.RawDescriptionHelpFormatter), task)
+    eval_parser = actions.add_parser('eval', help=eval_help)
+    eval_parser.add_argument('checkpoint', help=f'last.safetensors / best.safetensors of a {TASK_NAMES[name]} run')
+    eval_parser.set_defaults(prog=f'deformvit {name} eval')
+    predict_parser = actions.add_parser('predict', help=predict_help)
+    predict_parser.add_argument('checkpoint')
+    predict_parser.add_argument('inputs', nargs='+', help='image files or folders')
+    predict_parser.set_defaults(prog=f'deformvit {name} predict')
+    return eval_parser, predict_parser
+
+
+def _print_unreadable(result: Dict, output: str, written: str) -> None:
+    if result['unreadable']:
+        print(f"skipped {len(result['unreadable'])} unreadable file(s): {', '.join(result['unreadable'][:5])}")
+    print(f'{written} in {output}')
+
+
+def detect_eval(args: argparse.Namespace) -> Dict:
+    ctx = init_distributed(args.device)
+    loaded = load_model(args.checkpoint, task='detect')
+    evaluation, images = detection.evaluate_detector(loaded, args.data, ctx, args.batch_size, args.workers)
+    m = evaluation.metrics
+    print(f'{args.checkpoint} on {evaluation.images} images of {images}'
+          + (f' ({evaluation.skipped} unreadable skipped)' if evaluation.skipped else ''))
+    for prefix in ('box', 'mask') if 'mask_ap' in m else ('box',):
+        print(f'  {prefix:4s} AP {m[prefix + "_ap"]:5.2f}  AP50 {m[prefix + "_ap50"]:5.2f}  AP75 {m[prefix + "_ap75"]:5.2f}'
+              f'  APs {m[prefix + "_aps"]:5.2f}  APm {m[prefix + "_apm"]:5.2f}  APl {m[prefix + "_apl"]:5.2f}')
+    print('per-class box AP:')
+    for name, ap in zip(loaded.classes, m['box_ap_per_class']):
+        print(f'  {name:<24} {ap:6.2f}')
+    return m
+
+
+def detect_predict(args: argparse.Namespace) -> Dict:
+    result = detection.predict(load_model(args.checkpoint, task='detect'), args.inputs, args.output,
+                               args.score_threshold, args.device)
+    for record in result['images']:
+        found = ', '.join(f"{d['label']} {d['score']:.2f}" for d in record['detections']) or 'nothing'
+        print(f"{record['file']}: {found}")
+    _print_unreadable(result, args.output, 'drawings and detections.json')
+    return result
+
+
+def segment_eval(args: argparse.Namespace) -> Dict:
+    ctx = init_distributed(args.device)
+    loaded = load_model(args.checkpoint, task='segment')
+    evaluation, root = segmentation.evaluate_segmentor(loaded, args.data, ctx, args.mode, args.multi_scale, args.scale,
+                                                       args.crop, args.stride, args.workers)
+    protocol = ('multi-scale + flip' if args.multi_scale else 'single-scale') + f', {args.mode} inference'
+    print(f'{args.checkpoint} on {evaluation.images} images of {root} ({protocol})'
+          + (f', {evaluation.skipped} unreadable skipped' if evaluation.skipped else ''))
+    print(f'  {segmentation.SegmentationTask().describe(evaluation)}')
+    print('per-class IoU / accuracy:')
+    for name, iou, acc in zip(loaded.classes, evaluation.detail['iou'], evaluation.detail['acc']):
+        print(f'  {name:<24} {iou:6.2f} {acc:6.2f}')
+    return evaluation.metrics
+
+
+def segment_predict(args: argparse.Namespace) -> Dict:
+    result = segmentation.predict(load_model(args.checkpoint, task='segment'), args.inputs, args.output, args.scale,
+                                  args.mode, args.multi_scale, args.device)
+    for record in result['images']:
+        top = sorted(record['classes'].items(), key=lambda kv: -kv[1])[:5]
+        print(f"{record['file']}: " + ', '.join(f'{name} {share:.0%}' for name, share in top))
+    _print_unreadable(result, args.output, 'label maps, overlays and classes.json')
+    return result
+
+
+def register(commands) -> None:
+    eval_parser, predict_parser = _add_commands(
+        commands, 'detect', 'object detection / instance segmentation: train, eval, predict', detection,
+        'train a detector (no --data: the embedded digit scenes)', 'COCO box/mask AP of a checkpoint',
+        'draw detections on images and write detections.json')
+    eval_parser.add_argument('--data', help='COCO root; default: the embedded digit scenes')
+    eval_parser.add_argument('--batch-size', type=int, default=2)
+    eval_parser.add_argument('--workers', type=int, default=2)
+    eval_parser.add_argument('--device', default='auto')
+    eval_parser.set_defaults(func=detect_eval)
+    predict_parser.add_argument('--output', default='detections', help='folder for the PNGs and detections.json')
+    predict_parser.add_argument('--score-threshold', type=float, default=0.5)
+    predict_parser.add_argument('--device', default='cpu')
+    predict_parser.set_defaults(func=detect_predict)
+
+    eval_parser, predict_parser = _add_commands(
+        commands, 'segment', 'semantic segmentation: train, eval, predict', segmentation,
+        'train a segmentor (no --data: the embedded digit scenes)', 'mIoU, mAcc and per-class IoU of a checkpoint',
+        'write label maps and overlays of images')
+    eval_parser.add_argument('--data', help='ADE20K-layout root; default: the embedded digit scenes')
+    eval_parser.add_argument('--multi-scale', action='store_true', help='ratios 0.5-1.75 and flips, averaged')
+    eval_parser.add_argument('--mode', choices=['whole', 'slide'], default='whole')
+    eval_parser.add_argument('--scale', type=int, nargs=2, default=[2048, 512], help='test resize (long, short)')
+    eval_parser.add_argument('--crop', type=int, nargs=2, default=[512, 512], help='sliding window size')
+    eval_parser.add_argument('--stride', type=int, nargs=2, default=[341, 341], help='sliding window stride')
+    eval_parser.add_argument('--workers', type=int, default=2)
+    eval_parser.add_argument('--device', default='auto')
+    eval_parser.set_defaults(func=segment_eval)
+    predict_parser.add_argument('--output', default='segmentations')
+    predict_parser.add_argument('--mode', choices=['whole', 'slide'], default='whole')
+    predict_parser.add_argument('--multi-scale', action='store_true')
+    predict_parser.add_argument('--scale', type=int, nargs=2, default=[2048, 512])
+    predict_parser.add_argument('--device', default='cpu')
+    predict_parser.set_defaults(func=segment_predict)

@@ -1,0 +1,536 @@
+"""COCO-format detection and instance-segmentation data for torchvision detection models.
+
+``CocoDetection`` reads an images folder with its ``instances_<split>.json`` and checks the
+JSON against itself and the folder in the constructor, so a wrong path, a broken file or
+annotations that point nowhere fail before training starts. Samples come in the form that
+torchvision's detection models take: a float image in [0, 1], CHW, and a target dict with
+``xyxy`` boxes and labels ``1..K`` (0 is the background). Files that turn out unreadable at
+load time come back as ``None``; ``collate_detection`` drops them from the batch and counts
+them, like ``collate_skipping_corrupt`` does for classification.
+
+``to_coco_results`` turns a model's predictions back into COCO result entries and
+``coco_evaluate`` scores them with pycocotools' ``COCOeval``, returning AP in percent.
+"""
+import contextlib
+import io
+import json
+import math
+import os
+from collections import Counter
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as coco_mask
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch.utils.data import Dataset
+
+from .common import DatasetError, first_few
+
+__all__ = ['COCO_SPLIT_NAMES', 'CocoDetection', 'coco_evaluate', 'coco_layout', 'collate_detection',
+           'to_coco_results']
+
+COCO_SPLIT_NAMES = {'train': ('train2017', 'train'), 'val': ('val2017', 'val')}
+MIN_BOX_SIDE = 1.0  # boxes narrower or lower than this many pixels after clipping are dropped
+
+_REQUIRED_FIELDS = {
+    'images': ('image', ('id', 'file_name', 'width', 'height')),
+    'annotations': ('annotation', ('id', 'image_id', 'category_id', 'bbox')),
+    'categories': ('category', ('id', 'name')),
+}
+_SKIP_DESCRIPTIONS = {
+    'no_annotations': 'images without usable annotations',
+    'crowd': 'crowd annotations',
+    'invalid_boxes': f'boxes under {MIN_BOX_SIDE:g} px after clipping',
+    'no_segmentation': 'annotations without segmentation',
+}
+_METRIC_PREFIXES = {'bbox': 'box', 'segm': 'mask'}
+_RESULT_KEYS = {'bbox': 'bbox', 'segm': 'segmentation'}
+_SUMMARY_METRICS = ('ap', 'ap50', 'ap75', 'aps', 'apm', 'apl')  # the first six COCOeval.stats
+
+
+def _quietly():
+    """Context that swallows pycocotools' progress prints."""
+    return contextlib.redirect_stdout(io.StringIO())
+
+
+def coco_layout(root: str) -> Dict[str, Tuple[str, str]]:
+    """Find the train and val splits of a COCO-style dataset root.
+
+    A split named ``<name>`` exists when ``root/<name>/`` is a folder of images and
+    ``root/annotations/instances_<name>.json`` is a file; the names tried are those of
+    ``COCO_SPLIT_NAMES``, in order (``train2017`` before ``train``, ``val2017`` before ``val``).
+
+    Args:
+        root: the dataset root.
+
+    Returns:
+        ``{'train': (images_dir, annotation_file), 'val': (images_dir, annotation_file)}``.
+
+    Raises:
+        DatasetError: a split was not found; the message lists every path looked for.
+    """
+    root = os.fspath(root)
+    layout = {}
+    not_found = []
+    for split, names in COCO_SPLIT_NAMES.items():
+        for name in names:
+            images_dir = os.path.join(root, name)
+            annotation_file = os.path.join(root, 'annotations', f'instances_{name}.json')
+            if os.path.isdir(images_dir) and os.path.isfile(annotation_file):
+                layout[split] = (images_dir, annotation_file)
+                break
+        else:
+            tried = ' or '.join(f'{name}/ with annotations/instances_{name}.json' for name in names)
+            not_found.append(f'{split} (looked for {tried})')
+    if not_found:
+        raise DatasetError(
+            f'COCO root {root!r} lacks the split(s) {"; ".join(not_found)}; expected the COCO layout '
+            f'root/<split>/<images> and root/annotations/instances_<split>.json; check the path or '
+            f'rename the folders')
+    return layout
+
+
+def _read_annotation_json(path: str) -> Dict[str, Any]:
+    """The parsed JSON of ``path``, checked to hold the lists ``images``, ``annotations``, ``categories``."""
+    try:
+        with open(path, encoding='utf-8') as file:
+            dataset = json.load(file)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DatasetError(
+            f'annotation file {path!r} is not valid JSON ({error}); expected a COCO instances '
+            f'file; check that it is the right file and was written in full') from error
+    found = sorted(dataset) if isinstance(dataset, dict) else []
+    missing = [key for key in _REQUIRED_FIELDS if not (found and isinstance(dataset.get(key), list))]
+    if missing:
+        raise DatasetError(
+            f'annotation file {path!r} lacks the top-level list(s) {", ".join(map(repr, missing))} '
+            f'(found keys: {", ".join(map(repr, found)) or "none"}); expected a COCO instances file '
+            f'with the lists images, annotations and categories')
+    return dataset
+
+
+def _is_box(bbox: Any) -> bool:
+    """Whether ``bbox`` is four numbers ``[x, y, width, height]``."""
+    return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in bbox))
+
+
+def _check_records(dataset: Dict[str, Any], path: str) -> None:
+    """Raise on records without their required fields, with malformed boxes or duplicate ids."""
+    malformed = []
+    for key, (kind, fields) in _REQUIRED_FIELDS.items():
+        for position, record in enumerate(dataset[key]):
+            if not isinstance(record, dict):
+                malformed.append(f'{kind} #{position} is not an object')
+                continue
+            absent = [field for field in fields if field not in record]
+            if absent:
+                malformed.append(f'{kind} #{position} lacks {", ".join(map(repr, absent))}')
+            elif kind == 'annotation' and not _is_box(record['bbox']):
+                malformed.append(f'annotation {record["id"]} has bbox {record["bbox"]!r}')
+            elif kind == 'image' and not all(isinstance(record[side], int) and record[side] > 0
+                                             for side in ('width', 'height')):
+                malformed.append(f'image {record["id"]} has size {record["width"]!r}x{record["height"]!r}')
+    if malformed:
+        raise DatasetError(
+            f'{len(malformed)} malformed record(s) in {path!r}: {first_few(malformed)}; expected images '
+            f'with id, file_name and positive integer width and height, annotations with id, image_id, '
+            f'category_id and bbox [x, y, width, height], categories with id and name; fix or remove them')
+    for key, (kind, _) in _REQUIRED_FIELDS.items():
+        counts = Counter(record['id'] for record in dataset[key])
+        duplicated = [f'{record_id} ({count} times)' for record_id, count in counts.items() if count > 1]
+        if duplicated:
+            raise DatasetError(
+                f'{len(duplicated)} duplicate {kind} id(s) in {path!r}: {first_few(duplicated)}; '
+                f'expected every {kind} id once; merge or renumber the duplicates')
+
+
+def _check_references(dataset: Dict[str, Any], path: str) -> None:
+    """Raise on annotations of unknown images or categories, or with an RLE sized for another image."""
+    images = {image['id']: image for image in dataset['images']}
+    category_ids = sorted(category['id'] for category in dataset['categories'])
+    known_categories = set(category_ids)
+    orphans = [f'annotation {ann["id"]} -> image_id {ann["image_id"]!r}'
+               for ann in dataset['annotations'] if ann['image_id'] not in images]
+    if orphans:
+        raise DatasetError(
+            f'{len(orphans)} annotation(s) in {path!r} refer to images that are not in "images": '
+            f'{first_few(orphans)}; expected every image_id to be the id of an image; remove those '
+            f'annotations or add their images')
+    outside = [f'annotation {ann["id"]} -> category_id {ann["category_id"]!r}'
+               for ann in dataset['annotations'] if ann['category_id'] not in known_categories]
+    if outside:
+        raise DatasetError(
+            f'{len(outside)} annotation(s) in {path!r} have labels outside the class range: '
+            f'{first_few(outside)}; expected category ids among the categories ({first_few(category_ids)}); '
+            f'remove those annotations or add their categories')
+    mis_sized = []
+    for ann in dataset['annotations']:
+        segmentation = ann.get('segmentation')
+        image = images[ann['image_id']]
+        if isinstance(segmentation, dict) and list(segmentation.get('size', ())) != [image['height'], image['width']]:
+            mis_sized.append(f'annotation {ann["id"]} has RLE size {segmentation.get("size")!r} on image '
+                             f'{image["id"]} of height x width [{image["height"]}, {image["width"]}]')
+    if mis_sized:
+        raise DatasetError(
+            f'{len(mis_sized)} RLE segmentation(s) in {path!r} do not match their image: '
+            f'{first_few(mis_sized)}; expected RLE size [height, width] of the image; regenerate the '
+            f'annotations for these images')
+
+
+def _clip_box(bbox: Sequence[float], width: int, height: int) -> Tuple[float, float, float, float]:
+    """COCO ``[x, y, w, h]`` -> ``(x1, y1, x2, y2)`` clipped to a ``width`` x ``height`` image."""
+    x, y, box_width, box_height = bbox
+    return (min(max(x, 0.0), width), min(max(y, 0.0), height),
+            min(max(x + box_width, 0.0), width), min(max(y + box_height, 0.0), height))
+
+
+def _describe_skips(skipped: Dict[str, int]) -> str:
+    """``'3 crowd annotations, 1 boxes under 1 px after clipping'``, or ``'nothing'``."""
+    return ', '.join(f'{count} {_SKIP_DESCRIPTIONS[key]}' for key, count in skipped.items() if count) or 'nothing'
+
+
+class _ImageRecord(NamedTuple):
+    """One image's file and its usable annotations, as numpy arrays ready for a target."""
+    file_name: str
+    width: int
+    height: int
+    boxes: np.ndarray  # (N, 4) float32 xyxy, clipped to the image
+    labels: np.ndarray  # (N,) int64 in 1..K
+    areas: np.ndarray  # (N,) float32, the annotation's 'area' (segment area in COCO)
+    annotations: List[Dict[str, Any]]  # the N annotations, for decoding their masks
+
+
+class CocoDetection(Dataset):
+    """Images and instance annotations of a COCO instances file, for torchvision detection models.
+
+    The constructor validates the JSON and the images folder (see Raises) and builds every
+    image's targets: crowd annotations (``iscrowd=1``) are not targets; boxes are converted
+    from COCO ``[x, y, w, h]`` to ``[x1, y1, x2, y2]`` and clipped to the image, and those whose
+    clipped width or height is under ``MIN_BOX_SIDE`` pixels are dropped; with ``with_masks``,
+    annotations without a segmentation are dropped as well. ``skipped`` counts all of these
+    over the whole file.
+
+    Categories sorted by COCO id give the contiguous labels: label ``i + 1`` is
+    ``classes[i]``, COCO id ``category_ids[i]``; label 0 is the background.
+
+    ``__getitem__`` returns ``(image, target)``: ``image`` a float32 RGB tensor ``(3, H, W)`` in
+    [0, 1]; ``target`` a dict with ``boxes`` float32 ``(N, 4)`` xyxy in pixels, ``labels`` int64
+    ``(N,)`` in ``1..K``, ``image_id`` (int), ``area`` float32 ``(N,)``, ``iscrowd`` int64 ``(N,)``
+    (all zero) and, with ``with_masks``, ``masks`` uint8 ``(N, H, W)`` decoded from polygons or
+    RLE. It returns ``None`` when the image file cannot be decoded; use ``collate_detection``
+    as the DataLoader's ``collate_fn``. In training, the image, boxes and masks are flipped
+    left-right together with probability ``hflip``, drawn from torch's global RNG.
+
+    Args:
+        images_dir: folder holding the images; ``file_name`` in the JSON is relative to it.
+        annotation_file: COCO instances JSON (``instances_<split>.json``).
+        train: draw random horizontal flips, and by default skip images without targets.
+        with_masks: add the instance masks to the targets (Mask R-CNN).
+        hflip: probability of a horizontal flip per training sample, in [0, 1].
+        skip_empty: leave out images without any usable annotation. Default: ``train``
+            (training skips them; evaluation keeps them, as COCO scores every image).
+
+    Attributes:
+        classes: category names, label ``i + 1`` <-> ``classes[i]``.
+        category_ids: COCO category id of each contiguous index.
+        coco: pycocotools ``COCO`` index of the whole file, the ground truth for ``coco_evaluate``.
+        ids: ids of the images in the dataset, sorted; sample ``i`` is image ``ids[i]``.
+        skipped: counts of ``no_annotations`` (images), ``crowd``, ``invalid_boxes`` and
+            ``no_segmentation`` (annotations).
+
+    Raises:
+        ValueError: ``hflip`` outside [0, 1].
+        DatasetError: the folder or file is missing; the file is not JSON or lacks images,
+            annotations or categories; records lack required fields or repeat an id;
+            annotations refer to unknown images or categories; image files named in the JSON
+            are not in ``images_dir``; no image is left. ``__getitem__`` raises it when an
+            image's decoded size differs from the width and height in the JSON.
+    """
+
+    def __init__(self, images_dir: str, annotation_file: str, train: bool = False,
+                 with_masks: bool = False, hflip: float = 0.5, skip_empty: Optional[bool] = None):
+        images_dir = os.fspath(images_dir)
+        annotation_file = os.fspath(annotation_file)
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f'hflip {hflip} is outside [0, 1]; expected a flip probability, e.g. 0.5')
+        if not os.path.isdir(images_dir):
+            what = 'is not a directory' if os.path.exists(images_dir) else 'does not exist'
+            raise DatasetError(f'images folder {images_dir!r} {what}; expected the folder of the '
+                               f'images named in {annotation_file!r}; check the path')
+        if not os.path.isfile(annotation_file):
+            what = 'is not a file' if os.path.exists(annotation_file) else 'does not exist'
+            raise DatasetError(f'annotation file {annotation_file!r} {what}; expected a COCO '
+                               f'instances JSON such as annotations/instances_val2017.json; check the path')
+        dataset = _read_annotation_json(annotation_file)
+        _check_records(dataset, annotation_file)
+        _check_references(dataset, annotation_file)
+        absent_files = [image['file_name'] for image in dataset['images']
+                        if not os.path.isfile(os.path.join(images_dir, image['file_name']))]
+        if absent_files:
+            raise DatasetError(
+                f'{len(absent_files)} of the {len(dataset["images"])} image files named in '
+                f'{annotation_file!r} are not in {images_dir!r}: {first_few(absent_files)}; '
+                f'expected images_dir to be the folder these annotations were made for')
+
+        categories = sorted(dataset['categories'], key=lambda category: category['id'])
+        label_of_category = {category['id']: index + 1 for index, category in enumerate(categories)}
+        images = {image['id']: image for image in dataset['images']}
+        skipped = dict.fromkeys(_SKIP_DESCRIPTIONS, 0)
+        annotations_of_image = {image_id: [] for image_id in images}
+        for ann in dataset['annotations']:
+            ann.setdefault('iscrowd', 0)  # COCOeval reads both fields from the ground truth
+            ann.setdefault('area', float(ann['bbox'][2] * ann['bbox'][3]))
+            image = images[ann['image_id']]
+            x1, y1, x2, y2 = _clip_box(ann['bbox'], image['width'], image['height'])
+            if ann['iscrowd']:
+                skipped['crowd'] += 1
+            elif x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
+                skipped['invalid_boxes'] += 1
+            elif with_masks and not ann.get('segmentation'):
+                skipped['no_segmentation'] += 1
+            else:
+                annotations_of_image[ann['image_id']].append((ann, (x1, y1, x2, y2)))
+
+        skip_empty = train if skip_empty is None else skip_empty
+        records = {}
+        for image_id in sorted(images):
+            usable = annotations_of_image[image_id]
+            if skip_empty and not usable:
+                skipped['no_annotations'] += 1
+                continue
+            image = images[image_id]
+            records[image_id] = _ImageRecord(
+                file_name=image['file_name'], width=image['width'], height=image['height'],
+                boxes=np.array([box for _, box in usable], dtype=np.float32).reshape(-1, 4),
+                labels=np.array([label_of_category[ann['category_id']] for ann, _ in usable], dtype=np.int64),
+                areas=np.array([ann['area'] for ann, _ in usable], dtype=np.float32),
+                annotations=[ann for ann, _ in usable])
+        if not records:
+            raise DatasetError(
+                f'no images left in {annotation_file!r}: {len(images)} image(s), of which '
+                f'{skipped["no_annotations"]} have no usable annotation (skipped: '
+                f'{_describe_skips(skipped)}); expected at least one image with a non-crowd box '
+                f'of at least {MIN_BOX_SIDE:g} px; check the file, or pass skip_empty=False')
+
+        coco = COCO()
+        coco.dataset = dataset
+        with _quietly():
+            coco.createIndex()
+
+        self.images_dir = images_dir
+        self.annotation_file = annotation_file
+        self.train = train
+        self.with_masks = with_masks
+        self.hflip = hflip
+        self.classes = [category['name'] for category in categories]
+        self.category_ids = [category['id'] for category in categories]
+        self.coco = coco
+        self.ids = list(records)
+        self.skipped = skipped
+        self._records = records
+
+    def summary(self) -> str:
+        """One line: file, images, boxes, classes and what was skipped."""
+        n_boxes = sum(len(record.labels) for record in self._records.values())
+        return (f'{os.path.basename(self.annotation_file)}: {len(self)} images, {n_boxes} boxes, '
+                f'{len(self.classes)} classes; skipped {_describe_skips(self.skipped)}')
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, Dict[str, Any]]]:
+        image_id = self.ids[index]
+        record = self._records[image_id]
+        path = os.path.join(self.images_dir, record.file_name)
+        try:
+            with Image.open(path) as pil_image:
+                pil_image = pil_image.convert('RGB')  # decodes every byte: truncated files raise here
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+            return None
+        if pil_image.size != (record.width, record.height):
+            raise DatasetError(
+                f'image {path!r} is {pil_image.width}x{pil_image.height} (width x height) but '
+                f'{self.annotation_file!r} gives {record.width}x{record.height}; expected the JSON to '
+                f'describe these very files, else its boxes land in the wrong place; use the images '
+                f'the annotations were made for, or regenerate the annotations')
+        image = torch.from_numpy(np.array(pil_image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        image = image.float().div_(255.0)
+        boxes = torch.tensor(record.boxes)
+        target = {
+            'boxes': boxes,
+            'labels': torch.tensor(record.labels),
+            'image_id': image_id,
+            'area': torch.tensor(record.areas),
+            'iscrowd': torch.zeros(len(record.labels), dtype=torch.int64),
+        }
+        if self.with_masks:
+            masks = [self.coco.annToMask(ann) for ann in record.annotations]  # N x (H, W) uint8
+            target['masks'] = (torch.from_numpy(np.stack(masks)) if masks
+                               else torch.zeros((0, record.height, record.width), dtype=torch.uint8))
+        if self.train and torch.rand(()).item() < self.hflip:
+            image = image.flip(-1)
+            # pixels [x1, x2) of a width-W image land on [W - x2, W - x1)
+            target['boxes'] = torch.stack([record.width - boxes[:, 2], boxes[:, 1],
+                                           record.width - boxes[:, 0], boxes[:, 3]], dim=1)
+            if self.with_masks:
+                target['masks'] = target['masks'].flip(-1)
+        return image, target
+
+
+def collate_detection(
+        batch: Sequence[Optional[Tuple[torch.Tensor, Dict[str, Any]]]],
+) -> Tuple[Optional[List[torch.Tensor]], Optional[List[Dict[str, Any]]], int]:
+    """Collate ``(image, target)`` detection samples, dropping the ``None`` of unreadable files.
+
+    Images differ in size, so they stay a list, as torchvision detection models take them.
+
+    Args:
+        batch: samples from ``CocoDetection``; ``None`` marks an unreadable file.
+
+    Returns:
+        ``(images, targets, skipped)``: the lists of images and targets of the readable samples
+        and the number dropped; ``(None, None, skipped)`` when every sample was unreadable.
+    """
+    kept = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, skipped
+    return [image for image, _ in kept], [target for _, target in kept], skipped
+
+
+def to_coco_results(image_id: int, prediction: Dict[str, torch.Tensor], category_ids: Sequence[int],
+                    mask_threshold: float = 0.5) -> List[Dict[str, Any]]:
+    """Turn one image's torchvision detection output into COCO result entries.
+
+    Args:
+        image_id: COCO id of the image the prediction is for.
+        prediction: ``boxes`` ``(N, 4)`` xyxy in the image's pixels, ``labels`` ``(N,)`` in
+            ``1..K``, ``scores`` ``(N,)`` and optionally ``masks`` ``(N, 1, H, W)`` probabilities.
+        category_ids: COCO category id of each contiguous index (``CocoDetection.category_ids``).
+        mask_threshold: mask probabilities above it are foreground.
+
+    Returns:
+        One dict per detection with ``image_id``, ``category_id``, ``bbox`` ``[x, y, w, h]``
+        and ``score`` as Python numbers, plus ``segmentation`` (compressed RLE with ``counts``
+        as str, JSON-ready) when the prediction has masks.
+
+    Raises:
+        ValueError: a label outside ``1..len(category_ids)`` or masks not shaped ``(N, 1, H, W)``.
+    """
+    boxes = prediction['boxes'].detach().cpu().double()
+    labels = prediction['labels'].detach().cpu().tolist()
+    scores = prediction['scores'].detach().cpu().tolist()
+    outside = [label for label in labels if not 1 <= label <= len(category_ids)]
+    if outside:
+        raise ValueError(f'prediction for image {image_id} has labels {first_few(outside)} outside '
+                         f'1..{len(category_ids)}; expected torchvision labels (0 is background) for '
+                         f'the {len(category_ids)} categories of category_ids')
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()  # (N, 4) xyxy -> xywh
+    results = [{'image_id': int(image_id), 'category_id': int(category_ids[label - 1]), 'bbox': box,
+                'score': score} for box, label, score in zip(xywh, labels, scores)]
+    if 'masks' in prediction:
+        masks = prediction['masks'].detach()
+        if masks.dim() != 4 or masks.shape[1] != 1 or masks.shape[0] != len(results):
+            raise ValueError(f'prediction masks for image {image_id} have shape {tuple(masks.shape)}; '
+                             f'expected ({len(results)}, 1, H, W), one probability map per box')
+        binary = (masks[:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)  # (N, H, W)
+        rles = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if results else []  # N RLEs
+        for entry, rle in zip(results, rles):
+            entry['segmentation'] = {'size': rle['size'], 'counts': rle['counts'].decode('ascii')}
+    return results
+
+
+def _load_results(coco_gt: COCO, results: Sequence[Dict[str, Any]], iou_type: str) -> COCO:
+    """The results of one IoU type as a ``COCO`` index; copies, since pycocotools edits them."""
+    kept_key = _RESULT_KEYS[iou_type]
+    other_keys = set(_RESULT_KEYS.values()) - {kept_key}
+    lacking = [index for index, entry in enumerate(results) if kept_key not in entry]
+    if lacking:
+        raise ValueError(f'{len(lacking)} result(s) lack {kept_key!r} (entries {first_few(lacking)}); '
+                         f'expected it in every entry for {iou_type!r} evaluation; pass the model\'s masks '
+                         f'to to_coco_results, or evaluate only what the results hold')
+    # without the other key, loadRes computes 'area' from this one: the box or the mask area
+    entries = [{key: value for key, value in entry.items() if key not in other_keys} for entry in results]
+    with _quietly():
+        if entries:
+            return coco_gt.loadRes(entries)
+        no_detections = COCO()
+        no_detections.dataset = {'images': list(coco_gt.dataset['images']),
+                                 'categories': list(coco_gt.dataset['categories']), 'annotations': []}
+        no_detections.createIndex()
+    return no_detections
+
+
+def _percent(value: float) -> float:
+    """A COCOeval value as a percentage; its -1 (no ground truth to score) becomes nan."""
+    return 100.0 * float(value) if value >= 0 else math.nan
+
+
+def coco_evaluate(coco_gt: COCO, results: Sequence[Dict[str, Any]], iou_types: Sequence[str] = ('bbox',),
+                  image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
+    """Score COCO result entries against the ground truth with pycocotools' ``COCOeval``.
+
+    Args:
+        coco_gt: ground truth, e.g. ``CocoDetection.coco``.
+        results: entries from ``to_coco_results``, for any of the evaluated images; empty
+            results score 0 wherever there is ground truth.
+        iou_types: ``'bbox'`` and / or ``'segm'`` (the latter needs ``segmentation`` in every entry).
+        image_ids: the images to score, e.g. ``CocoDetection.ids`` when the dataset left images
+            out; images without detections count as misses. Default: every ground-truth image.
+
+    Returns:
+        Percentages ``box_ap``, ``box_ap50``, ``box_ap75``, ``box_aps``, ``box_apm``, ``box_apl``
+        for ``'bbox'`` and the same with ``mask_`` for ``'segm'``, plus ``box_ap_per_class`` /
+        ``mask_ap_per_class``: AP per category in sorted COCO id order (the order of
+        ``CocoDetection.classes``). A value is nan where there is no ground truth to score
+        (a category absent from the images, no objects of that size).
+
+    Raises:
+        ValueError: an unknown IoU type; results or ``image_ids`` naming images not in
+            ``coco_gt``; empty ``image_ids``; entries lacking the key an IoU type needs.
+    """
+    unknown = [iou_type for iou_type in iou_types if iou_type not in _METRIC_PREFIXES]
+    if unknown:
+        raise ValueError(f'unknown IoU type(s) {first_few(unknown)}; expected any of {", ".join(_METRIC_PREFIXES)}')
+    gt_image_ids = set(coco_gt.getImgIds())
+    foreign = sorted({entry['image_id'] for entry in results} - gt_image_ids)
+    if foreign:
+        raise ValueError(f'results name {len(foreign)} image id(s) not in the ground truth: {first_few(foreign)}; '
+                         f'expected the image ids of the dataset the predictions were made on')
+    if image_ids is None:
+        image_ids = sorted(gt_image_ids)
+    else:
+        image_ids = sorted({int(image_id) for image_id in image_ids})
+        if not image_ids:
+            raise ValueError('image_ids is empty; expected the ids of the images to score, e.g. '
+                             'CocoDetection.ids, or None for every ground-truth image')
+        unknown_images = [image_id for image_id in image_ids if image_id not in gt_image_ids]
+        if unknown_images:
+            raise ValueError(f'image_ids has {len(unknown_images)} id(s) not in the ground truth: '
+                             f'{first_few(unknown_images)}; expected ids of ground-truth images, e.g. '
+                             f'CocoDetection.ids, or None for all')
+    metrics = {}
+    for iou_type in iou_types:
+        prefix = _METRIC_PREFIXES[iou_type]
+        coco_dt = _load_results(coco_gt, results, iou_type)
+        with _quietly():
+            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator.params.imgIds = image_ids
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        for name, value in zip(_SUMMARY_METRICS, evaluator.stats):
+            metrics[f'{prefix}_{name}'] = _percent(value)
+        # precision: (T IoU thresholds, R recall points, K categories, A areas, M max detections)
+        precision = evaluator.eval['precision'][:, :, :, 0, -1]  # area 'all', 100 detections
+        per_class = []
+        for category_index in range(precision.shape[2]):
+            scored = precision[:, :, category_index]
+            scored = scored[scored > -1]
+            per_class.append(100.0 * float(scored.mean()) if scored.size else math.nan)
+        metrics[f'{prefix}_ap_per_class'] = per_class
+    return metrics

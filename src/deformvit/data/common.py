@@ -1,0 +1,68 @@
+"""What every dataset of deformvit shares: the error type, image files and lists in messages."""
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+from PIL import Image
+
+from .images import read_image
+
+__all__ = ['IMAGE_EXTENSIONS', 'DatasetError', 'find_images', 'first_few', 'image_files', 'iter_images']
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
+MAX_LISTED = 5  # items named in an error message before "and N more"
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be used (missing, malformed, inconsistent); the message says what was expected."""
+
+
+def first_few(items: Sequence, quote: bool = False) -> str:
+    """The first five items joined by commas (``repr`` of each when ``quote``), then ``and N more``."""
+    listed = ', '.join(repr(item) if quote else str(item) for item in items[:MAX_LISTED])
+    if len(items) > MAX_LISTED:
+        listed += f' and {len(items) - MAX_LISTED} more'
+    return listed
+
+
+def find_images(folder: str) -> List[str]:
+    """Sorted paths of the files below ``folder`` (recursively) with an image extension."""
+    paths = []
+    for directory, _, files in os.walk(folder):
+        paths.extend(os.path.join(directory, name) for name in files
+                     if name.lower().endswith(IMAGE_EXTENSIONS))
+    return sorted(paths)
+
+
+def image_files(inputs: Sequence[str]) -> List[str]:
+    """The image files named by ``inputs``: files as given, folders searched recursively.
+
+    Raises:
+        FileNotFoundError: an input is neither a file nor a folder.
+        DatasetError: the inputs hold no image files.
+    """
+    files = []
+    for item in inputs:
+        if os.path.isdir(item):
+            files.extend(find_images(item))
+        elif os.path.isfile(item):
+            files.append(item)
+        else:
+            raise FileNotFoundError(f'{item} is neither an image file nor a folder')
+    if not files:
+        raise DatasetError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
+    return files
+
+
+def iter_images(inputs: Sequence[str]) -> Iterator[Tuple[str, Optional[Image.Image]]]:
+    """``(path, RGB PIL image)`` for each image file of ``inputs`` (files or folders); None for unreadable ones.
+
+    Raises:
+        FileNotFoundError: an input is neither a file nor a folder.
+        DatasetError: the inputs hold no image files.
+    """
+    for path in image_files(inputs):
+        try:
+            image = read_image(path)
+        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for broken files
+            image = None
+        yield path, image

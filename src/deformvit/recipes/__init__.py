@@ -1,1 +1,0 @@
-"""Training recipes (YAML), loaded by ``deformvit train --recipe NAME``."""

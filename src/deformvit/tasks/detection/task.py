@@ -1,0 +1,207 @@
+"""Object detection and instance segmentation: COCO-format data, the frameworks of
+:data:`~deformvit.tasks.detection.DETECTORS`, COCO metrics and drawn predictions.
+
+Data is COCO-format (an images folder plus an instances JSON; ``--data ROOT`` with
+``train2017/``, ``val2017/`` and ``annotations/instances_{train,val}2017.json``, or the
+same with ``train``/``val``). Without ``--data`` a run trains on the embedded digit scenes
+(real MNIST digits composited at several scales, written in COCO layout). Metrics are
+COCO's (pycocotools): box AP, AP50, AP75, APs/APm/APl and, for frameworks with masks
+(Mask R-CNN), mask AP.
+"""
+import contextlib
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from ...data import DatasetError
+from ...data.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, to_coco_results
+from ..base import Evaluation, Task
+from ..dense import class_colors, predict_images, scenes_root
+from . import DETECTORS, build_detector, detector_class
+
+__all__ = ['BOX_METRICS', 'MASK_METRICS', 'DetectionTask', 'draw_detections', 'evaluate_detector', 'predict']
+
+BOX_METRICS = ('box_ap', 'box_ap50', 'box_ap75', 'box_aps', 'box_apm', 'box_apl')
+MASK_METRICS = ('mask_ap', 'mask_ap50', 'mask_ap75', 'mask_aps', 'mask_apm', 'mask_apl')
+
+
+def _metrics(masks: bool) -> Tuple[str, ...]:
+    return BOX_METRICS + (MASK_METRICS if masks else ())
+
+
+class DetectionTask(Task):
+    """Detectors of :data:`~deformvit.tasks.detection.DETECTORS` on COCO-format data."""
+    name = 'detect'
+    command = 'deformvit detect train'
+    defaults = dict(
+        detector='mask_rcnn', backbone='dat_tiny', min_size=800, max_size=1333, fpn_channels=256,
+        anchor_sizes=[32, 64, 128, 256, 512], representation_size=1024, hflip=0.5, detector_kwargs={},
+        eval_batch_size=2)
+    flags = ('backbone', 'detector')
+    model_field = 'backbone'
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument('--data', help='COCO root (train2017/, val2017/, annotations/instances_*.json); '
+                                           'default: the embedded digit scenes')
+        parser.add_argument('--backbone', help='registered model: dat_tiny, eapt_small, ... or a timm model')
+        parser.add_argument('--detector', choices=DETECTORS)
+
+    def default_recipe(self, data: Optional[str]) -> str:
+        return 'det-digits' if data is None else 'det-1x'
+
+    def run_name(self, config: Dict) -> str:
+        return f"{config['detector']}-{config['backbone']}"
+
+    def metrics(self, config: Dict) -> Tuple[str, ...]:
+        return _metrics(detector_class(config['detector']).has_masks())
+
+    def datasets(self, config: Dict):
+        layout = coco_layout(scenes_root(config['data'], 'coco'))
+        masks = detector_class(config['detector']).has_masks()
+        train = CocoDetection(*layout['train'], train=True, with_masks=masks, hflip=config['hflip'])
+        val = CocoDetection(*layout['val'], train=False, with_masks=masks)
+        if val.classes != train.classes:
+            raise DatasetError(f'the train and val annotations name different categories: {train.classes[:10]} vs '
+                               f'{val.classes[:10]}; expected the same categories in both')
+        print(f'train: {train.summary()}\nval:   {val.summary()}', flush=True)
+        return train, val
+
+    def collate(self, batch):
+        return collate_detection(batch)
+
+    def build_model(self, config: Dict, classes: List[str]):
+        model = build_detector(
+            config['detector'], config['backbone'], len(classes), pretrained_backbone=config['pretrained'],
+            drop_path_rate=config['drop_path'], min_size=config['min_size'], max_size=config['max_size'],
+            fpn_channels=config['fpn_channels'], anchor_sizes=config['anchor_sizes'],
+            representation_size=config['representation_size'], **config['detector_kwargs'])
+        kwargs = {k: v for k, v in model.config.items() if k != 'detector'}
+        return model, config['detector'], kwargs
+
+    def training_step(self, config: Dict, classes: List[str]):
+        return _detection_step
+
+    @torch.no_grad()
+    def evaluate(self, model, loader, ctx, autocast, config) -> Evaluation:
+        model.eval()
+        dataset = loader.dataset
+        results, images, skipped = [], 0, 0
+        for batch, targets, n_skipped in loader:
+            skipped += n_skipped
+            if batch is None:
+                continue
+            with autocast():
+                outputs = model([image.to(ctx.device) for image in batch])
+            for target, output in zip(targets, outputs):
+                output = {k: (v.float() if v.is_floating_point() else v).cpu() for k, v in output.items()}
+                results.extend(to_coco_results(target['image_id'], output, dataset.category_ids))
+            images += len(batch)
+        if ctx.distributed:
+            gathered = [None] * ctx.world_size
+            dist.all_gather_object(gathered, (results, images, skipped))
+            results = [r for part in gathered for r in part[0]]
+            images, skipped = sum(p[1] for p in gathered), sum(p[2] for p in gathered)
+        if not ctx.is_main:
+            return Evaluation({}, images, skipped)
+        iou_types = ('bbox', 'segm') if model.has_masks() else ('bbox',)
+        metrics = coco_evaluate(dataset.coco, results, iou_types, image_ids=dataset.ids)
+        return Evaluation(metrics, images, skipped, detail=dict(results=results, classes=dataset.classes))
+
+    def describe(self, evaluation: Evaluation) -> str:
+        m = evaluation.metrics
+        text = f"box AP {m['box_ap']:.1f} (AP50 {m['box_ap50']:.1f}, AP75 {m['box_ap75']:.1f})"
+        if 'mask_ap' in m:
+            text += f", mask AP {m['mask_ap']:.1f}"
+        return text
+
+    def reports(self, folder, rows, evaluation, classes):
+        per_class = evaluation.metrics.get('box_ap_per_class', [])
+        path = os.path.join(folder, 'per_class_ap.csv')
+        with open(path, 'w') as f:
+            f.write('class,box_ap\n' + ''.join(f'{name},{ap:.3f}\n' for name, ap in zip(classes, per_class)))
+        m = evaluation.metrics
+        return [f"held-out box AP {m['box_ap']:.2f}, AP50 {m['box_ap50']:.2f}, AP75 {m['box_ap75']:.2f}, "
+                f"APs/APm/APl {m['box_aps']:.1f}/{m['box_apm']:.1f}/{m['box_apl']:.1f}"
+                + (f", mask AP {m['mask_ap']:.2f}" if 'mask_ap' in m else '') + f' on {evaluation.images} images',
+                f'  per-class AP:     {path}']
+
+
+def _detection_step(model, images, targets, device):
+    images = [image.to(device, non_blocking=True) for image in images]
+    targets = [{k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+               for t in targets]
+    losses = model(images, targets)
+    return sum(losses.values()), len(images)
+
+
+def evaluate_detector(loaded, data: Optional[str], ctx, batch_size: int = 2, workers: int = 2
+                      ) -> Tuple[Evaluation, str]:
+    """COCO box (and mask) AP of a loaded detector on the val split of ``data`` (default: the embedded scenes).
+
+    Args:
+        loaded: the detector, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
+        data: COCO root.
+        ctx: the processes to evaluate on (:class:`~deformvit.runtime.DistributedContext`).
+
+    Returns:
+        ``(evaluation, images folder)``.
+
+    Raises:
+        DatasetError: bad data, or categories other than the detector's.
+    """
+    model, classes = loaded.model, loaded.classes
+    layout = coco_layout(scenes_root(data, 'coco'))
+    dataset = CocoDetection(*layout['val'], train=False, with_masks=model.has_masks())
+    if dataset.classes != classes:
+        raise DatasetError(f'{loaded.source} detects {len(classes)} classes {classes[:10]}, the annotations name '
+                           f'{len(dataset.classes)}: {dataset.classes[:10]}')
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection)
+    evaluation = DetectionTask().evaluate(model.to(ctx.device), loader, ctx, contextlib.nullcontext, {})
+    return evaluation, layout['val'][0]
+
+
+def draw_detections(image: torch.Tensor, prediction: Dict, classes: Sequence[str], score_threshold: float = 0.5):
+    """``image`` (3, H, W) in [0, 1] with the boxes, labels, scores and masks above ``score_threshold`` drawn in."""
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+    keep = prediction['scores'] >= score_threshold
+    canvas = (image.clamp(0, 1) * 255).to(torch.uint8)
+    palette = class_colors(len(classes) + 1)  # labels count from 1
+    colors = [palette[int(label)] for label in prediction['labels'][keep]]
+    if 'masks' in prediction and keep.any():
+        canvas = draw_segmentation_masks(canvas, prediction['masks'][keep, 0] > 0.5, alpha=0.45, colors=colors)
+    text = [f'{classes[int(label) - 1]} {score:.2f}' for label, score in
+            zip(prediction['labels'][keep], prediction['scores'][keep])]
+    return draw_bounding_boxes(canvas, prediction['boxes'][keep], text, colors=colors, width=2)
+
+
+@torch.no_grad()
+def predict(loaded, inputs: Sequence[str], output: str, score_threshold: float = 0.5, device: str = 'cpu') -> Dict:
+    """Detect objects in images; write ``<name>.png`` drawings and ``detections.json`` into ``output``.
+
+    Args:
+        loaded: the detector, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
+        inputs: image files or folders.
+        output: the folder written.
+        score_threshold: detections below it are neither drawn nor listed.
+        device: where the model runs.
+    """
+    from torchvision.io import write_png
+    from torchvision.transforms.v2.functional import pil_to_tensor
+    model, classes = loaded.model.to(device), loaded.classes
+
+    def detect(path, image, stem):
+        x = pil_to_tensor(image).float().div(255)
+        prediction = {k: v.cpu() for k, v in model([x.to(device)])[0].items()}
+        keep = prediction['scores'] >= score_threshold
+        write_png(draw_detections(x, prediction, classes, score_threshold), os.path.join(output, f'{stem}.png'))
+        return dict(file=path, width=image.width, height=image.height, detections=[
+            dict(label=classes[int(label) - 1], score=round(float(score), 4),
+                 box_xyxy=[round(float(v), 2) for v in box])
+            for box, label, score in zip(prediction['boxes'][keep], prediction['labels'][keep],
+                                         prediction['scores'][keep])])
+
+    return predict_images(inputs, output, detect, 'detections.json',
+                          dict(checkpoint=loaded.source, score_threshold=score_threshold))

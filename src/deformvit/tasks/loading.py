@@ -1,0 +1,199 @@
+"""The one way from a name or a file to a model, used by every tool and command.
+
+:func:`load_model` builds a model from
+
+- a registered name (``dat_tiny``, ``eapt_small``, any timm model): random weights;
+- an official DAT release file (``{'model': state_dict}``) or any bare state dict, with the
+  model named or, for DAT, inferred from the weights' shapes;
+- a ``deformvit convert`` output or a deformvit training checkpoint of any task: the
+  ``.safetensors`` metadata names the architecture, its arguments and the classes
+  (:func:`deformvit.checkpoint.checkpoint_record`).
+
+A checkpoint of another task than the one asked for is a :class:`TaskMismatchError`; unknown
+names are reported with the closest registered ones.
+"""
+import contextlib
+import difflib
+import inspect
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Optional
+
+import timm
+import torch.nn as nn
+
+from ..checkpoint import CheckpointRecord, checkpoint_record, load_state_dict_file
+from ..models import infer_dat_variant
+from .detection import build_detector
+from .segmentation import build_segmentor
+
+__all__ = ['TASK_NAMES', 'LoadedModel', 'TaskMismatchError', 'build_model', 'check_model_name', 'create_model',
+           'load_model']
+
+TASK_NAMES = {'classify': 'classification', 'detect': 'detection', 'segment': 'segmentation'}
+_WEIGHT_FILES = ('.pth', '.pt', '.bin', '.ckpt', '.safetensors')
+
+
+class TaskMismatchError(ValueError):
+    """A checkpoint of another task than the one asked for."""
+
+
+@dataclass
+class LoadedModel:
+    """A model and what is known of it.
+
+    Attributes:
+        model: the network, in eval mode.
+        architecture: the registered model (classification) or the detector / decoder name.
+        task: ``'classify'``, ``'detect'`` or ``'segment'``.
+        classes: class names in output order, when the file records them.
+        source: the weights file, or the name of a randomly initialised model.
+        weights: the weights in words (``'weights best.safetensors'``, ``'random weights, untrained'``).
+    """
+    model: nn.Module
+    architecture: str
+    task: str
+    classes: Optional[List[str]]
+    source: str
+    weights: str
+
+
+def check_model_name(name: str) -> None:
+    """Raise ``ValueError`` for a name that is no registered model, naming the closest ones."""
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=3)
+    hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models()'
+    raise ValueError(f'unknown model {name!r}: expected a registered model (deformvit\'s dat_* and eapt_*, or any '
+                     f'timm model) or a weights file{hint}')
+
+
+def create_model(name: str, size: Optional[int] = None, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)`` with random weights, after :func:`check_model_name`.
+
+    When ``size`` differs from the model's default input size and the model takes an ``img_size``
+    argument (ViTs, Swin, DAT, EAPT), it is built for ``size``.
+    """
+    check_model_name(name)
+    model = timm.create_model(name, **kwargs)
+    default_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, size, size))[-1]
+    if size is not None and size != default_size and 'img_size' in inspect.signature(type(model)).parameters:
+        model = timm.create_model(name, img_size=size, **kwargs)
+    return model
+
+
+def build_model(task: str, architecture: str, **kwargs) -> nn.Module:
+    """The model of ``task`` named ``architecture`` (a detector, a decoder or a registered model), untrained."""
+    if task == 'detect':
+        return build_detector(architecture, **kwargs)
+    if task == 'segment':
+        return build_segmentor(architecture, **kwargs)
+    if task != 'classify':
+        raise ValueError(f'unknown task {task!r}; expected one of {", ".join(TASK_NAMES)}')
+    return create_model(architecture, **kwargs)
+
+
+@contextlib.contextmanager
+def _weights_error(path: str) -> Iterator[None]:
+    """Turn the RuntimeError of weights that do not fit the model into a ValueError naming the file."""
+    try:
+        yield
+    except RuntimeError as err:
+        message = str(err)
+        raise ValueError(message if path in message else f'{path} does not fit the model: {message}') from err
+
+
+def _looks_like_a_file(text: str) -> bool:
+    return text.endswith(_WEIGHT_FILES) or os.sep in text
+
+
+def load_model(
+        model: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        task: Optional[str] = None,
+        default: Optional[str] = None,
+        size: Optional[int] = None,
+        **model_kwargs,
+) -> LoadedModel:
+    """A model in eval mode from a registered name, a weights file, or both.
+
+    Args:
+        model: a registered model name, or a weights file (then ``checkpoint`` must be None).
+        checkpoint: the weights of the named model (any kind of file listed in the module's
+            docstring); None with a name: random weights (seed them with ``torch.manual_seed``).
+        task: the task the caller expects (``'classify'``, ``'detect'``, ``'segment'``); None
+            accepts any. A name alone is a classification model.
+        default: the model used when neither ``model`` nor the file names one; None: for a
+            bare state dict, the DAT variant its shapes belong to.
+        size: with a name alone: build it for this input side (see :func:`create_model`).
+        **model_kwargs: model arguments. A file that records its architecture records its
+            arguments: only a classifier's may be changed (e.g. ``img_size``; position tables
+            are resized by the family's checkpoint filter), never its number of classes.
+
+    Returns:
+        :class:`LoadedModel`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        TaskMismatchError: a checkpoint of another task.
+        ValueError: an unknown name, an unreadable file, another recorded architecture than
+            ``model``, arguments a file cannot take, or weights that do not fit.
+    """
+    name, path = model, checkpoint
+    if model is not None and not timm.is_model(model):
+        if os.path.isfile(model) or _looks_like_a_file(model):
+            if checkpoint is not None:
+                raise ValueError(f'{model} is a file; name the model it belongs to instead '
+                                 f'(e.g. dat_tiny --checkpoint {checkpoint}), or drop --checkpoint')
+            name, path = None, model
+        else:
+            check_model_name(model)
+    if path is None:
+        name = name or default
+        if name is None:
+            raise ValueError('name a model or a weights file')
+        if task not in (None, 'classify'):
+            raise ValueError(f'{name} is a classification model; a {TASK_NAMES.get(task, task)} model comes from '
+                             'a checkpoint of its training run')
+        return LoadedModel(create_model(name, size, **model_kwargs).eval(), name, 'classify', None, name,
+                           'random weights, untrained')
+    record = checkpoint_record(path)
+    if record is not None:
+        loaded = _from_record(path, record, name, task, model_kwargs)
+    else:
+        if task not in (None, 'classify'):
+            raise ValueError(f'{path} does not record its architecture; expected a checkpoint written by a deformvit '
+                             'training run (last.safetensors or best.safetensors)')
+        name = name or default or infer_dat_variant(load_state_dict_file(path))
+        check_model_name(name)
+        with _weights_error(path):
+            network = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs)
+        loaded = LoadedModel(network, name, 'classify', None, path, '')
+    loaded.model.eval()
+    loaded.weights = f'weights {os.path.basename(path)}'
+    return loaded
+
+
+def _from_record(path: str, record: CheckpointRecord, name: Optional[str], task: Optional[str],
+                 model_kwargs: Dict) -> LoadedModel:
+    """The model a ``.safetensors`` file records, checked against what the caller asked for."""
+    if task is not None and record.task != task:
+        raise TaskMismatchError(f'{path} is a {TASK_NAMES.get(record.task, record.task)} checkpoint '
+                                f'({record.architecture}); expected a {TASK_NAMES.get(task, task)} one')
+    if name is not None and name != record.architecture:
+        raise ValueError(f'{path} holds a {record.architecture} model, not {name}')
+    if model_kwargs and record.task != 'classify':
+        raise ValueError(f'{path} records its own model arguments; a {TASK_NAMES[record.task]} model cannot be '
+                         'rebuilt with others')
+    recorded_classes = record.model_kwargs.get('num_classes')
+    if model_kwargs.get('num_classes', recorded_classes) != recorded_classes:
+        raise ValueError(f'{path} predicts {recorded_classes} classes; num_classes={model_kwargs["num_classes"]} '
+                         'would replace its classifier with a random one')
+    with _weights_error(path):
+        if model_kwargs:  # through the family's checkpoint filter, which fits size-dependent tables
+            network = timm.create_model(record.architecture, pretrained=True, pretrained_cfg_overlay=dict(file=path),
+                                        **dict(record.model_kwargs, **model_kwargs))
+        else:
+            network = build_model(record.task, record.architecture, **record.model_kwargs)
+            network.load_state_dict(load_state_dict_file(path))
+    return LoadedModel(network, record.architecture, record.task, record.classes, path, '')
