@@ -69,3 +69,18 @@ def test_new_commands_report_bad_input_without_traceback():
         result = subprocess.run([sys.executable, '-m', 'deformvit', *argv], capture_output=True, text=True)
         assert result.returncode != 0 and message in result.stderr, (argv, result.stderr)
         assert 'Traceback' not in result.stderr, argv
+
+
+def test_demo_shows_the_moved_key_positions_of_eapt(capsys):
+    main(['demo', '--model', 'eapt_nano'])
+    out = capsys.readouterr().out
+    assert 'eapt_nano' in out and 'top-5 classes' in out
+    assert 'deformable block stages.3.blocks.1: 1 offset groups x 1x1 reference points' in out
+
+
+def test_eval_refuses_a_detection_checkpoint_by_name(tmp_path):
+    from deformvit.checkpoint import metadata_for, save_safetensors
+    path = tmp_path / 'best.safetensors'
+    save_safetensors({'w': torch.zeros(1)}, str(path), metadata_for('mask_rcnn', {}, ['a'], 0, task='detect'))
+    with pytest.raises(SystemExit, match='^deformvit eval: .* is a detection checkpoint .*; expected a classification'):
+        main(['eval', str(path)])

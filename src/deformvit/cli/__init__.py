@@ -16,8 +16,18 @@ from ..checkpoint import UnsafeCheckpointError
 from ..data import DatasetError
 from ..training import TrainingDiverged
 from . import bench, demo, dense, export, profile, train, visualize, weights
+from .common import add_command
 
 __all__ = ['FAILURES', 'main', 'reported']
+
+# the tool commands: name -> (help, the module whose add_arguments and run serve it)
+TOOLS = {
+    'demo': ('classify a photo and show deformed sampling points', demo),
+    'profile': ("parameters and MACs per stage; --paper: the papers' tables, measured", profile),
+    'bench': ('throughput, latency and peak memory beside timm references; --table8: DAT Table 8 memory', bench),
+    'visualize': ("the papers' figures: deformed points, important keys, heat maps, window edges", visualize),
+    'export': ('ONNX or torch.export program, checked against PyTorch', export),
+}
 
 # failures a user can fix: reported as one line, without a traceback
 FAILURES = (DatasetError, ValueError, FileNotFoundError, FileExistsError, UnsafeCheckpointError, TrainingDiverged)
@@ -37,11 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest='command', required=True)
     train.register(commands)  # train, eval
     dense.register(commands)  # detect, segment
-    demo.register(commands)
-    profile.register(commands)
-    bench.register(commands)
-    visualize.register(commands)
-    export.register(commands)
+    for name, (help, module) in TOOLS.items():
+        module.add_arguments(add_command(commands, name, help, module.run, module.DESCRIPTION))
     weights.register(commands)  # convert, count
     return parser
 

@@ -7,32 +7,20 @@ import torch.nn as nn
 
 from ..runtime import PRECISIONS
 from ..tools import bench
-from ..tools.bench import (
-    DAT_TABLE8_ROWS,
-    DEFAULT_MODELS,
-    DEFAULT_REFERENCES,
-    MODES,
-    SWIN_T,
-    TABLE8_BATCH,
-    benchmark,
-    format_markdown,
-    format_table8_markdown,
-    table8_memory,
-    torch_threads,
-    write_csv,
-)
 
-__all__ = ['add_arguments', 'register', 'run']
+__all__ = ['DESCRIPTION', 'add_arguments', 'run']
+
+DESCRIPTION = bench.__doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('--models', nargs='+', default=list(DEFAULT_MODELS), metavar='NAME',
-                        help=f'models to measure, any timm name (default: {" ".join(DEFAULT_MODELS)})')
-    parser.add_argument('--references', nargs='+', default=list(DEFAULT_REFERENCES), metavar='NAME',
+    parser.add_argument('--models', nargs='+', default=list(bench.DEFAULT_MODELS), metavar='NAME',
+                        help=f'models to measure, any timm name (default: {" ".join(bench.DEFAULT_MODELS)})')
+    parser.add_argument('--references', nargs='+', default=list(bench.DEFAULT_REFERENCES), metavar='NAME',
                         help='timm reference models measured in the same run, or "none" '
-                             f'(default: {" ".join(DEFAULT_REFERENCES)})')
+                             f'(default: {" ".join(bench.DEFAULT_REFERENCES)})')
     parser.add_argument('--ratio-to', metavar='NAME',
-                        help=f'model the ratio columns divide by (default: {SWIN_T} when measured)')
+                        help=f'model the ratio columns divide by (default: {bench.SWIN_T} when measured)')
     parser.add_argument('--device', help='cpu, cuda[:N] or meta (memory only); default: cuda if available, '
                                          'else cpu (--table8: else meta)')
     parser.add_argument('--precision', nargs='+', default=['fp32'], choices=list(PRECISIONS),
@@ -64,7 +52,7 @@ def _model_list(args: argparse.Namespace) -> List[str]:
 def _write(args: argparse.Namespace, rows: Sequence[Dict], markdown: str) -> None:
     print(markdown, end='')
     if args.csv:
-        write_csv(rows, args.csv)
+        bench.write_csv(rows, args.csv)
     if args.markdown:
         with open(args.markdown, 'w') as f:
             f.write(markdown)
@@ -76,27 +64,19 @@ def run(args: argparse.Namespace, extra_models: Optional[Mapping[str, nn.Module]
         if len(args.precision) > 1 or args.compile:
             raise ValueError('--table8 measures memory, at one --precision, without --compile')
         device = args.device or ('cuda' if torch.cuda.is_available() else 'meta')
-        with torch_threads(args.threads):
-            results = table8_memory(DAT_TABLE8_ROWS, batch=args.batch or TABLE8_BATCH, size=args.size,
-                                    device=device, precision=args.precision[0])
+        with bench.torch_threads(args.threads):
+            results = bench.table8_memory(bench.DAT_TABLE8_ROWS, batch=args.batch or bench.TABLE8_BATCH,
+                                          size=args.size, device=device, precision=args.precision[0])
         rows = [dict(r, kwargs=repr(r['kwargs'])) for r in results]
-        _write(args, rows, format_table8_markdown(results))
+        _write(args, rows, bench.format_table8_markdown(results))
         return rows
     models = dict(extra_models or {})
     models.update((name, name) for name in _model_list(args))
-    reference = args.ratio_to or (SWIN_T if SWIN_T in models else None)
-    modes = MODES if args.mode == 'both' else (args.mode,)
-    rows = benchmark(
+    reference = args.ratio_to or (bench.SWIN_T if bench.SWIN_T in models else None)
+    modes = bench.MODES if args.mode == 'both' else (args.mode,)
+    rows = bench.benchmark(
         models, batch=args.batch or 16, size=args.size, device=args.device, precisions=args.precision,
         modes=modes, compile_models=args.compile, warmup=args.warmup, repeats=args.repeats,
         threads=args.threads, reference=reference, memory=not args.no_memory)
-    _write(args, rows, format_markdown(rows))
+    _write(args, rows, bench.format_markdown(rows))
     return rows
-
-
-def register(commands) -> None:
-    parser = commands.add_parser('bench', help='throughput, latency and peak memory beside timm references; '
-                                               '--table8: DAT Table 8 memory',
-                                 description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run, prog='deformvit bench')

@@ -8,7 +8,9 @@ from ..tasks import load_model
 from ..tools import demo
 from ..tools.visualize import load_image
 
-__all__ = ['register']
+__all__ = ['DESCRIPTION', 'add_arguments', 'run']
+
+DESCRIPTION = demo.__doc__
 
 
 def run(args: argparse.Namespace) -> List[str]:
@@ -22,12 +24,9 @@ def run(args: argparse.Namespace) -> List[str]:
     return lines
 
 
-def register(commands) -> None:
-    parser = commands.add_parser('demo', help='classify a photo and show deformed sampling points',
-                                 description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', default='dat_tiny', help='registered DAT or EAPT model (default: dat_tiny)')
     parser.add_argument('--image', help='image file (default: a photo shipped with scikit-image)')
     parser.add_argument('--checkpoint', help='official DAT release file, converted .safetensors or a training '
                                              'checkpoint')
     parser.add_argument('--seed', type=int, default=0, help='seed of the random weights')
-    parser.set_defaults(func=run, prog='deformvit demo')

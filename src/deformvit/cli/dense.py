@@ -1,6 +1,6 @@
 """``deformvit detect`` and ``deformvit segment``: train, eval and predict."""
 import argparse
-from typing import Dict
+from typing import Callable, Dict
 
 from ..runtime import init_distributed
 from ..tasks import TASK_NAMES, get_task, load_model
@@ -11,9 +11,11 @@ from .train import add_training_arguments
 __all__ = ['register']
 
 
-def _add_commands(commands, name: str, help: str, module, train_help: str, eval_help: str, predict_help: str):
-    """The ``train``, ``eval`` and ``predict`` sub-commands of a dense task; returns the eval and predict parsers."""
+def _add_commands(commands, name: str, module, data_help: str, evaluate: Callable, predict: Callable, outputs: str):
+    """The ``train``, ``eval`` and ``predict`` sub-commands of a dense task, with the flags they share;
+    returns the eval and predict parsers."""
     task = get_task(name)
+    help, train_help, eval_help, predict_help = HELP[name]
     parser = commands.add_parser(name, help=help, description=module.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest='action', required=True)
@@ -21,12 +23,20 @@ def _add_commands(commands, name: str, help: str, module, train_help: str, eval_
                                               formatter_class=argparse.RawDescriptionHelpFormatter), task)
     eval_parser = actions.add_parser('eval', help=eval_help)
     eval_parser.add_argument('checkpoint', help=f'last.safetensors / best.safetensors of a {TASK_NAMES[name]} run')
-    eval_parser.set_defaults(prog=f'deformvit {name} eval')
+    eval_parser.add_argument('--data', help=f'{data_help}; default: the embedded digit scenes')
+    eval_parser.set_defaults(func=evaluate, prog=f'deformvit {name} eval')
     predict_parser = actions.add_parser('predict', help=predict_help)
     predict_parser.add_argument('checkpoint')
     predict_parser.add_argument('inputs', nargs='+', help='image files or folders')
-    predict_parser.set_defaults(prog=f'deformvit {name} predict')
+    predict_parser.add_argument('--output', default=outputs, help=f'output folder (default: {outputs})')
+    predict_parser.set_defaults(func=predict, prog=f'deformvit {name} predict')
     return eval_parser, predict_parser
+
+
+def _add_device_flags(eval_parser: argparse.ArgumentParser, predict_parser: argparse.ArgumentParser) -> None:
+    eval_parser.add_argument('--workers', type=int, default=2)
+    eval_parser.add_argument('--device', default='auto')
+    predict_parser.add_argument('--device', default='cpu')
 
 
 def _print_unreadable(result: Dict, output: str, written: str) -> None:
@@ -86,37 +96,30 @@ def segment_predict(args: argparse.Namespace) -> Dict:
     return result
 
 
-def register(commands) -> None:
-    eval_parser, predict_parser = _add_commands(
-        commands, 'detect', 'object detection / instance segmentation: train, eval, predict', detection,
-        'train a detector (no --data: the embedded digit scenes)', 'COCO box/mask AP of a checkpoint',
-        'draw detections on images and write detections.json')
-    eval_parser.add_argument('--data', help='COCO root; default: the embedded digit scenes')
-    eval_parser.add_argument('--batch-size', type=int, default=2)
-    eval_parser.add_argument('--workers', type=int, default=2)
-    eval_parser.add_argument('--device', default='auto')
-    eval_parser.set_defaults(func=detect_eval)
-    predict_parser.add_argument('--output', default='detections', help='folder for the PNGs and detections.json')
-    predict_parser.add_argument('--score-threshold', type=float, default=0.5)
-    predict_parser.add_argument('--device', default='cpu')
-    predict_parser.set_defaults(func=detect_predict)
+# the help of each command: the task, its train, eval and predict actions
+HELP = {
+    'detect': ('object detection / instance segmentation: train, eval, predict',
+               'train a detector (no --data: the embedded digit scenes)', 'COCO box/mask AP of a checkpoint',
+               'draw detections on images and write detections.json'),
+    'segment': ('semantic segmentation: train, eval, predict', 'train a segmentor (no --data: the embedded digit '
+                'scenes)', 'mIoU, mAcc and per-class IoU of a checkpoint', 'write label maps and overlays of images'),
+}
 
-    eval_parser, predict_parser = _add_commands(
-        commands, 'segment', 'semantic segmentation: train, eval, predict', segmentation,
-        'train a segmentor (no --data: the embedded digit scenes)', 'mIoU, mAcc and per-class IoU of a checkpoint',
-        'write label maps and overlays of images')
-    eval_parser.add_argument('--data', help='ADE20K-layout root; default: the embedded digit scenes')
+
+def register(commands) -> None:
+    eval_parser, predict_parser = _add_commands(commands, 'detect', detection, 'COCO root', detect_eval,
+                                                detect_predict, 'detections')
+    eval_parser.add_argument('--batch-size', type=int, default=2)
+    predict_parser.add_argument('--score-threshold', type=float, default=0.5)
+    _add_device_flags(eval_parser, predict_parser)
+
+    eval_parser, predict_parser = _add_commands(commands, 'segment', segmentation, 'ADE20K-layout root',
+                                                segment_eval, segment_predict, 'segmentations')
     eval_parser.add_argument('--multi-scale', action='store_true', help='ratios 0.5-1.75 and flips, averaged')
-    eval_parser.add_argument('--mode', choices=['whole', 'slide'], default='whole')
-    eval_parser.add_argument('--scale', type=int, nargs=2, default=[2048, 512], help='test resize (long, short)')
     eval_parser.add_argument('--crop', type=int, nargs=2, default=[512, 512], help='sliding window size')
     eval_parser.add_argument('--stride', type=int, nargs=2, default=[341, 341], help='sliding window stride')
-    eval_parser.add_argument('--workers', type=int, default=2)
-    eval_parser.add_argument('--device', default='auto')
-    eval_parser.set_defaults(func=segment_eval)
-    predict_parser.add_argument('--output', default='segmentations')
-    predict_parser.add_argument('--mode', choices=['whole', 'slide'], default='whole')
     predict_parser.add_argument('--multi-scale', action='store_true')
-    predict_parser.add_argument('--scale', type=int, nargs=2, default=[2048, 512])
-    predict_parser.add_argument('--device', default='cpu')
-    predict_parser.set_defaults(func=segment_predict)
+    for parser in (eval_parser, predict_parser):
+        parser.add_argument('--mode', choices=['whole', 'slide'], default='whole')
+        parser.add_argument('--scale', type=int, nargs=2, default=[2048, 512], help='test resize (long, short)')
+    _add_device_flags(eval_parser, predict_parser)

@@ -8,20 +8,10 @@ import torch.nn as nn
 
 from ..tasks import TaskMismatchError, load_model
 from ..tools import export
-from ..tools.export import (
-    DEFAULT_OPSET,
-    FORMATS,
-    MIN_OPSET,
-    TOLERANCE,
-    ExportReport,
-    check_opset,
-    check_output_path,
-    export_onnx,
-    export_program,
-    measure_latency,
-)
 
-__all__ = ['register']
+__all__ = ['DESCRIPTION', 'add_arguments', 'run']
+
+DESCRIPTION = export.__doc__
 
 
 def _load(model: str, checkpoint: Optional[str], model_kwargs: Dict) -> Tuple[nn.Module, str]:
@@ -49,26 +39,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='registered model (dat_tiny, eapt_small, ...) or a checkpoint file')
     parser.add_argument('--checkpoint', help='weights of the named model: an official DAT release file, a '
                                              '`deformvit convert` output or a classification training checkpoint')
-    parser.add_argument('--format', choices=tuple(FORMATS), default='onnx',
+    parser.add_argument('--format', choices=tuple(export.FORMATS), default='onnx',
                         help='onnx (default) or exported-program (torch.export.save, .pt2)')
     parser.add_argument('--output', help='output file (default: MODEL.onnx / MODEL.pt2 in the current folder)')
-    parser.add_argument('--opset', type=int, default=DEFAULT_OPSET,
-                        help=f'ONNX opset, at least {MIN_OPSET} (default {DEFAULT_OPSET})')
+    parser.add_argument('--opset', type=int, default=export.DEFAULT_OPSET,
+                        help=f'ONNX opset, at least {export.MIN_OPSET} (default {export.DEFAULT_OPSET})')
     parser.add_argument('--size', type=int, nargs='+', metavar=('H', 'W'),
                         help="input height [width], fixed in the graph (default: the model's input size)")
     parser.add_argument('--batch', type=int, default=1,
                         help='first batch size checked, and the fixed batch with --static (default 1)')
     parser.add_argument('--static', action='store_true', help='fix the batch axis too')
     parser.add_argument('--no-check', action='store_true', help='write the file without comparing it with PyTorch')
-    parser.add_argument('--tolerance', type=float, default=TOLERANCE,
-                        help=f'largest accepted max |diff| to PyTorch (default {TOLERANCE:.0e})')
+    parser.add_argument('--tolerance', type=float, default=export.TOLERANCE,
+                        help=f'largest accepted max |diff| to PyTorch (default {export.TOLERANCE:.0e})')
     parser.add_argument('--model-args', type=_json_object, default={}, metavar='JSON',
                         help='timm.create_model arguments as JSON, e.g. \'{"position_bias": "fixed"}\'')
     parser.add_argument('--time', type=int, default=0, metavar='RUNS',
                         help='also time PyTorch and the exported file on one image (median of RUNS)')
 
 
-def _describe(report: ExportReport, name: str) -> List[str]:
+def _describe(report: export.ExportReport, name: str) -> List[str]:
     shape = ', '.join('batch' if d is None else str(d) for d in report.input_shape)
     kind = f'ONNX opset {report.opset}' if report.format == 'onnx' else 'ExportedProgram'
     lines = [f'{name}: {kind}, input images ({shape}), captured and converted in {report.seconds:.1f} s']
@@ -86,17 +76,17 @@ def _describe(report: ExportReport, name: str) -> List[str]:
 
 def run(args: argparse.Namespace) -> None:
     if args.format == 'onnx':
-        check_opset(args.opset)
+        export.check_opset(args.opset)
     if args.output:
-        check_output_path(args.output, args.format)
+        export.check_output_path(args.output, args.format)
     model, name = _load(args.model, args.checkpoint, args.model_args)
-    output = args.output or name + FORMATS[args.format]
+    output = args.output or name + export.FORMATS[args.format]
     options = dict(size=args.size, batch=args.batch, static=args.static, check=not args.no_check,
                    tolerance=args.tolerance)
     if args.format == 'onnx':
-        report = export_onnx(model, output, opset=args.opset, **options)
+        report = export.export_onnx(model, output, opset=args.opset, **options)
     else:
-        report = export_program(model, output, **options)
+        report = export.export_program(model, output, **options)
     weights = args.checkpoint or (args.model if os.path.isfile(args.model) else 'random (no --checkpoint)')
     print(f'weights: {weights}')
     for line in _describe(report, name):
@@ -108,13 +98,6 @@ def run(args: argparse.Namespace) -> None:
     print(f'wrote {output} ({size_mb:.1f} MB)' + ('' if report.checks else ' without checking it (--no-check)'))
     if args.time:
         shape = (1, *report.input_shape[1:])
-        latency = measure_latency(model, output, shape, args.time)
+        latency = export.measure_latency(model, output, shape, args.time)
         print(f'latency at {shape}, median of {args.time}: '
               + ', '.join(f'{key} {seconds * 1e3:.1f} ms' for key, seconds in latency.items()))
-
-
-def register(commands) -> None:
-    parser = commands.add_parser('export', help='ONNX or torch.export program, checked against PyTorch',
-                                 description=export.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run, prog='deformvit export')

@@ -9,16 +9,10 @@ from ..checkpoint import write_atomically
 from ..tasks import create_model
 from ..tools import profile
 from ..tools.complexity import CONVENTIONS
-from ..tools.profile import (
-    PAPER_TABLES_PATH,
-    measure_rows,
-    module_profile,
-    paper_markdown,
-    profile_markdown,
-    select_rows,
-)
 
-__all__ = ['register']
+__all__ = ['DESCRIPTION', 'add_arguments', 'run']
+
+DESCRIPTION = profile.__doc__
 
 
 def _size(values: Optional[List[int]], model: nn.Module) -> Tuple[int, int, int]:
@@ -40,18 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--table', action='append', metavar='TABLE',
                         help='with --paper: only this table, e.g. "Table 6" or "DAT Table 6" (repeatable; prints only)')
     parser.add_argument('--output', metavar='PATH',
-                        help=f'with --paper: markdown file to write (default: {PAPER_TABLES_PATH} for all tables)')
+                        help=f'with --paper: markdown file to write (default: {profile.PAPER_TABLES_PATH} for all tables)')
 
 
 def run(args: argparse.Namespace) -> None:
     if args.paper:
         if args.models:
             raise ValueError('--paper measures the papers\' rows; give either --paper or model names')
-        rows = select_rows(args.table)
-        results = measure_rows(rows, progress=lambda line: print(line, flush=True))
-        text = paper_markdown(results)
+        rows = profile.select_rows(args.table)
+        results = profile.measure_rows(rows, progress=lambda line: print(line, flush=True))
+        text = profile.paper_markdown(results)
         print(text)
-        output = args.output or (None if args.table else PAPER_TABLES_PATH)
+        output = args.output or (None if args.table else profile.PAPER_TABLES_PATH)
         if output:
             write_atomically(output, lambda tmp: pathlib.Path(tmp).write_text(text))
             print(f'wrote {output}')
@@ -61,12 +55,5 @@ def run(args: argparse.Namespace) -> None:
     for name in args.models:
         model = create_model(name)
         input_size = _size(args.size, model)
-        parts, params, macs = module_profile(model, input_size, args.depth, args.convention)
-        print(profile_markdown(name, parts, params, macs, input_size, args.convention) + '\n')
-
-
-def register(commands) -> None:
-    parser = commands.add_parser('profile', help="parameters and MACs per stage; --paper: the papers' tables, measured",
-                                 description=profile.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run, prog='deformvit profile')
+        parts, params, macs = profile.module_profile(model, input_size, args.depth, args.convention)
+        print(profile.profile_markdown(name, parts, params, macs, input_size, args.convention) + '\n')

@@ -6,6 +6,7 @@ from ..runtime import init_distributed
 from ..tasks import Task, get_task, load_model
 from ..tasks.classification import evaluate_folder
 from ..training import recipe_names, resolve_config, run
+from .common import add_command
 
 __all__ = ['add_training_arguments', 'register', 'train']
 
@@ -81,12 +82,12 @@ def evaluate(args: argparse.Namespace) -> Dict:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser('train', help='train a classifier (no --data: dat_nano on embedded MNIST digits)',
-                                 description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_arguments(parser, get_task('classify'))
+    task = get_task('classify')
+    add_training_arguments(add_command(commands, 'train', 'train a classifier (no --data: dat_nano on embedded MNIST '
+                                                          'digits)', None, TRAIN_DESCRIPTION), task)
 
-    parser = commands.add_parser('eval', help='top-1/top-5 and per-class accuracy of a checkpoint',
-                                 description=EVAL_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_command(commands, 'eval', 'top-1/top-5 and per-class accuracy of a checkpoint', evaluate,
+                         EVAL_DESCRIPTION)
     parser.add_argument('checkpoint', help='a training checkpoint (.safetensors) or weights file with --model')
     parser.add_argument('--data', help='folder of class folders, or a dataset root with val/; default: the '
                                        'held-out embedded digits')
@@ -95,4 +96,3 @@ def register(commands) -> None:
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--workers', type=int, default=2)
     parser.add_argument('--device', default='auto')
-    parser.set_defaults(func=evaluate, prog='deformvit eval')

@@ -8,7 +8,9 @@ from ..tasks import load_model
 from ..tools import visualize
 from ..tools.visualize import EDGE_SAMPLES, FIGURES, SAMPLE_PHOTOS, load_image
 
-__all__ = ['register']
+__all__ = ['DESCRIPTION', 'add_arguments', 'run']
+
+DESCRIPTION = visualize.__doc__
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,11 +57,3 @@ def run(args: argparse.Namespace) -> List[str]:
     for path in written:
         print(path)
     return written
-
-
-def register(commands) -> None:
-    parser = commands.add_parser(
-        'visualize', help="the papers' figures: deformed points, important keys, heat maps, window edges",
-        description=visualize.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run, prog='deformvit visualize')

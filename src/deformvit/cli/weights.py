@@ -4,6 +4,7 @@ import argparse
 from ..tasks import create_model
 from ..tools.complexity import count_macs, count_parameters
 from ..tools.convert import convert_checkpoint
+from .common import add_command
 
 __all__ = ['register']
 
@@ -23,15 +24,13 @@ def count(args: argparse.Namespace) -> None:
 
 
 def register(commands) -> None:
-    parser = commands.add_parser('convert', help='official DAT checkpoint -> deformvit .safetensors')
+    parser = add_command(commands, 'convert', 'official DAT checkpoint -> deformvit .safetensors', convert)
     parser.add_argument('src', help='official release file ({"model": state_dict})')
     parser.add_argument('dst', help='output .safetensors file')
     parser.add_argument('--model', help='model name (default: inferred from the weights)')
     parser.add_argument('--trust-pickle', action='store_true',
                         help='allow pickled Python objects in SRC (training checkpoints); only for trusted files')
-    parser.set_defaults(func=convert, prog='deformvit convert')
 
-    parser = commands.add_parser('count', help='parameters and MACs (fvcore convention)')
+    parser = add_command(commands, 'count', 'parameters and MACs (fvcore convention)', count)
     parser.add_argument('model')
     parser.add_argument('--size', type=int, help='input side (default: the model\'s input size)')
-    parser.set_defaults(func=count, prog='deformvit count')

@@ -28,7 +28,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .common import DatasetError, first_few
+from .common import DatasetError, collate_readable, first_few
+from .images import decode_rgb
 
 __all__ = ['ADE20K_CLASSES', 'SPLITS', 'SegmentationFolder', 'SegmentationMetrics', 'collate_segmentation']
 
@@ -293,13 +294,15 @@ class SegmentationFolder(Dataset):
 
     def __getitem__(self, index: int) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         image_path, annotation_path = self.samples[index]
+        rgb = decode_rgb(image_path)
+        if rgb is None:
+            return None
         try:
-            with Image.open(image_path) as file:
-                image = F.pil_to_tensor(file.convert('RGB'))  # (3, H, W) uint8; decodes every byte
             with Image.open(annotation_path) as file:
                 annotation = np.array(file)  # (H, W) class indices
         except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
             return None
+        image = F.pil_to_tensor(rgb)  # (3, H, W) uint8
         label = self._label_from_annotation(annotation, annotation_path)
         if tuple(label.shape) != tuple(image.shape[-2:]):
             raise DatasetError(
@@ -396,13 +399,8 @@ def collate_segmentation(
         otherwise (evaluation at each image's own size), and the number of samples dropped;
         ``(None, None, skipped)`` when every sample was unreadable.
     """
-    kept = [sample for sample in batch if sample is not None]
-    skipped = len(batch) - len(kept)
-    if not kept:
-        return None, None, skipped
-    images = _stack_if_same_shape([image for image, _ in kept])
-    labels = _stack_if_same_shape([label for _, label in kept])
-    return images, labels, skipped
+    return collate_readable(batch, lambda kept: (_stack_if_same_shape([image for image, _ in kept]),
+                                                 _stack_if_same_shape([label for _, label in kept])))
 
 
 class SegmentationMetrics:

@@ -21,13 +21,13 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
 
-from .common import DatasetError, first_few
+from .common import DatasetError, collate_readable, first_few, path_problem, refuse
+from .images import decode_rgb
 
 __all__ = ['COCO_SPLIT_NAMES', 'CocoDetection', 'coco_evaluate', 'coco_layout', 'collate_detection',
            'to_coco_results']
@@ -134,18 +134,14 @@ def _check_records(dataset: Dict[str, Any], path: str) -> None:
             elif kind == 'image' and not all(isinstance(record[side], int) and record[side] > 0
                                              for side in ('width', 'height')):
                 malformed.append(f'image {record["id"]} has size {record["width"]!r}x{record["height"]!r}')
-    if malformed:
-        raise DatasetError(
-            f'{len(malformed)} malformed record(s) in {path!r}: {first_few(malformed)}; expected images '
-            f'with id, file_name and positive integer width and height, annotations with id, image_id, '
-            f'category_id and bbox [x, y, width, height], categories with id and name; fix or remove them')
+    refuse(malformed, f'malformed record(s) in {path!r}',
+           'expected images with id, file_name and positive integer width and height, annotations with id, '
+           'image_id, category_id and bbox [x, y, width, height], categories with id and name; fix or remove them')
     for key, (kind, _) in _REQUIRED_FIELDS.items():
         counts = Counter(record['id'] for record in dataset[key])
-        duplicated = [f'{record_id} ({count} times)' for record_id, count in counts.items() if count > 1]
-        if duplicated:
-            raise DatasetError(
-                f'{len(duplicated)} duplicate {kind} id(s) in {path!r}: {first_few(duplicated)}; '
-                f'expected every {kind} id once; merge or renumber the duplicates')
+        refuse([f'{record_id} ({count} times)' for record_id, count in counts.items() if count > 1],
+               f'duplicate {kind} id(s) in {path!r}',
+               f'expected every {kind} id once; merge or renumber the duplicates')
 
 
 def _check_references(dataset: Dict[str, Any], path: str) -> None:
@@ -153,20 +149,15 @@ def _check_references(dataset: Dict[str, Any], path: str) -> None:
     images = {image['id']: image for image in dataset['images']}
     category_ids = sorted(category['id'] for category in dataset['categories'])
     known_categories = set(category_ids)
-    orphans = [f'annotation {ann["id"]} -> image_id {ann["image_id"]!r}'
-               for ann in dataset['annotations'] if ann['image_id'] not in images]
-    if orphans:
-        raise DatasetError(
-            f'{len(orphans)} annotation(s) in {path!r} refer to images that are not in "images": '
-            f'{first_few(orphans)}; expected every image_id to be the id of an image; remove those '
-            f'annotations or add their images')
-    outside = [f'annotation {ann["id"]} -> category_id {ann["category_id"]!r}'
-               for ann in dataset['annotations'] if ann['category_id'] not in known_categories]
-    if outside:
-        raise DatasetError(
-            f'{len(outside)} annotation(s) in {path!r} have labels outside the class range: '
-            f'{first_few(outside)}; expected category ids among the categories ({first_few(category_ids)}); '
-            f'remove those annotations or add their categories')
+    refuse([f'annotation {ann["id"]} -> image_id {ann["image_id"]!r}'
+            for ann in dataset['annotations'] if ann['image_id'] not in images],
+           f'annotation(s) in {path!r} refer to images that are not in "images"',
+           'expected every image_id to be the id of an image; remove those annotations or add their images')
+    refuse([f'annotation {ann["id"]} -> category_id {ann["category_id"]!r}'
+            for ann in dataset['annotations'] if ann['category_id'] not in known_categories],
+           f'annotation(s) in {path!r} have labels outside the class range',
+           f'expected category ids among the categories ({first_few(category_ids)}); remove those '
+           'annotations or add their categories')
     mis_sized = []
     for ann in dataset['annotations']:
         segmentation = ann.get('segmentation')
@@ -174,11 +165,8 @@ def _check_references(dataset: Dict[str, Any], path: str) -> None:
         if isinstance(segmentation, dict) and list(segmentation.get('size', ())) != [image['height'], image['width']]:
             mis_sized.append(f'annotation {ann["id"]} has RLE size {segmentation.get("size")!r} on image '
                              f'{image["id"]} of height x width [{image["height"]}, {image["width"]}]')
-    if mis_sized:
-        raise DatasetError(
-            f'{len(mis_sized)} RLE segmentation(s) in {path!r} do not match their image: '
-            f'{first_few(mis_sized)}; expected RLE size [height, width] of the image; regenerate the '
-            f'annotations for these images')
+    refuse(mis_sized, f'RLE segmentation(s) in {path!r} do not match their image',
+           'expected RLE size [height, width] of the image; regenerate the annotations for these images')
 
 
 def _clip_box(bbox: Sequence[float], width: int, height: int) -> Tuple[float, float, float, float]:
@@ -257,24 +245,20 @@ class CocoDetection(Dataset):
         annotation_file = os.fspath(annotation_file)
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f'hflip {hflip} is outside [0, 1]; expected a flip probability, e.g. 0.5')
-        if not os.path.isdir(images_dir):
-            what = 'is not a directory' if os.path.exists(images_dir) else 'does not exist'
-            raise DatasetError(f'images folder {images_dir!r} {what}; expected the folder of the '
-                               f'images named in {annotation_file!r}; check the path')
-        if not os.path.isfile(annotation_file):
-            what = 'is not a file' if os.path.exists(annotation_file) else 'does not exist'
-            raise DatasetError(f'annotation file {annotation_file!r} {what}; expected a COCO '
-                               f'instances JSON such as annotations/instances_val2017.json; check the path')
+        for path, folder, expected in (
+                (images_dir, True, f'the folder of the images named in {annotation_file!r}'),
+                (annotation_file, False, 'a COCO instances JSON such as annotations/instances_val2017.json')):
+            problem = path_problem(path, folder)
+            if problem:
+                raise DatasetError(f'{"images folder" if folder else "annotation file"} {path!r} {problem}; '
+                                   f'expected {expected}; check the path')
         dataset = _read_annotation_json(annotation_file)
         _check_records(dataset, annotation_file)
         _check_references(dataset, annotation_file)
-        absent_files = [image['file_name'] for image in dataset['images']
-                        if not os.path.isfile(os.path.join(images_dir, image['file_name']))]
-        if absent_files:
-            raise DatasetError(
-                f'{len(absent_files)} of the {len(dataset["images"])} image files named in '
-                f'{annotation_file!r} are not in {images_dir!r}: {first_few(absent_files)}; '
-                f'expected images_dir to be the folder these annotations were made for')
+        refuse([image['file_name'] for image in dataset['images']
+                if not os.path.isfile(os.path.join(images_dir, image['file_name']))],
+               f'of the {len(dataset["images"])} image files named in {annotation_file!r} are not in {images_dir!r}',
+               'expected images_dir to be the folder these annotations were made for')
 
         categories = sorted(dataset['categories'], key=lambda category: category['id'])
         label_of_category = {category['id']: index + 1 for index, category in enumerate(categories)}
@@ -323,12 +307,12 @@ class CocoDetection(Dataset):
 
         self.images_dir = images_dir
         self.annotation_file = annotation_file
+        self.coco = coco
+        self.classes = [category['name'] for category in categories]
+        self.category_ids = [category['id'] for category in categories]
         self.train = train
         self.with_masks = with_masks
         self.hflip = hflip
-        self.classes = [category['name'] for category in categories]
-        self.category_ids = [category['id'] for category in categories]
-        self.coco = coco
         self.ids = list(records)
         self.skipped = skipped
         self._records = records
@@ -346,10 +330,8 @@ class CocoDetection(Dataset):
         image_id = self.ids[index]
         record = self._records[image_id]
         path = os.path.join(self.images_dir, record.file_name)
-        try:
-            with Image.open(path) as pil_image:
-                pil_image = pil_image.convert('RGB')  # decodes every byte: truncated files raise here
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        pil_image = decode_rgb(path)
+        if pil_image is None:
             return None
         if pil_image.size != (record.width, record.height):
             raise DatasetError(
@@ -395,11 +377,7 @@ def collate_detection(
         ``(images, targets, skipped)``: the lists of images and targets of the readable samples
         and the number dropped; ``(None, None, skipped)`` when every sample was unreadable.
     """
-    kept = [sample for sample in batch if sample is not None]
-    skipped = len(batch) - len(kept)
-    if not kept:
-        return None, None, skipped
-    return [image for image, _ in kept], [target for _, target in kept], skipped
+    return collate_readable(batch, lambda kept: ([image for image, _ in kept], [target for _, target in kept]))
 
 
 def to_coco_results(image_id: int, prediction: Dict[str, torch.Tensor], category_ids: Sequence[int],

@@ -1,12 +1,15 @@
 """What every dataset of deformvit shares: the error type, image files and lists in messages."""
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from .images import read_image
+from .images import decode_rgb
 
-__all__ = ['IMAGE_EXTENSIONS', 'DatasetError', 'find_images', 'first_few', 'image_files', 'iter_images']
+__all__ = [
+    'IMAGE_EXTENSIONS', 'DatasetError', 'collate_readable', 'find_images', 'first_few', 'image_files', 'iter_images',
+    'path_problem', 'refuse',
+]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
 MAX_LISTED = 5  # items named in an error message before "and N more"
@@ -22,6 +25,38 @@ def first_few(items: Sequence, quote: bool = False) -> str:
     if len(items) > MAX_LISTED:
         listed += f' and {len(items) - MAX_LISTED} more'
     return listed
+
+
+def path_problem(path: str, folder: bool) -> Optional[str]:
+    """What is wrong with ``path`` where a folder (or a file) is expected: ``'does not exist'``,
+    ``'is not a directory'`` or ``'is not a file'``; None when nothing is."""
+    if os.path.isdir(path) if folder else os.path.isfile(path):
+        return None
+    if not os.path.exists(path):
+        return 'does not exist'
+    return 'is not a directory' if folder else 'is not a file'
+
+
+def refuse(problems: Sequence, what: str, expected: str) -> None:
+    """Raise ``DatasetError('<count> <what>: <the first few problems>; <expected>')`` when there are problems."""
+    if problems:
+        raise DatasetError(f'{len(problems)} {what}: {first_few(problems)}; {expected}')
+
+
+def collate_readable(batch: Sequence[Optional[Tuple[Any, Any]]],
+                     combine: Callable[[List[Tuple[Any, Any]]], Tuple[Any, Any]]) -> Tuple[Any, Any, int]:
+    """Collate ``(input, target)`` samples, dropping the ``None`` of unreadable files.
+
+    Returns:
+        ``(inputs, targets, skipped)``: ``combine`` of the readable samples and the number dropped;
+        ``(None, None, skipped)`` when every sample was unreadable.
+    """
+    kept = [sample for sample in batch if sample is not None]
+    skipped = len(batch) - len(kept)
+    if not kept:
+        return None, None, skipped
+    inputs, targets = combine(kept)
+    return inputs, targets, skipped
 
 
 def find_images(folder: str) -> List[str]:
@@ -61,8 +96,4 @@ def iter_images(inputs: Sequence[str]) -> Iterator[Tuple[str, Optional[Image.Ima
         DatasetError: the inputs hold no image files.
     """
     for path in image_files(inputs):
-        try:
-            image = read_image(path)
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for broken files
-            image = None
-        yield path, image
+        yield path, decode_rgb(path)

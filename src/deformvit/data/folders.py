@@ -9,10 +9,10 @@ import os
 from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
-from .common import IMAGE_EXTENSIONS, DatasetError, find_images, first_few
+from .common import IMAGE_EXTENSIONS, DatasetError, collate_readable, find_images, first_few, path_problem, refuse
+from .images import decode_rgb
 
 __all__ = ['ImageFolderDataset', 'collate_skipping_corrupt', 'validation_folder']
 
@@ -48,10 +48,10 @@ class ImageFolderDataset(Dataset):
     def __init__(self, root: str, transform: Optional[Callable] = None,
                  classes: Optional[Sequence[str]] = None):
         root = os.fspath(root)
-        if not os.path.isdir(root):
-            what = 'is not a directory' if os.path.exists(root) else 'does not exist'
+        problem = path_problem(root, folder=True)
+        if problem:
             raise DatasetError(
-                f'dataset root {root!r} {what}; expected a folder with one sub-folder of images '
+                f'dataset root {root!r} {problem}; expected a folder with one sub-folder of images '
                 f'per class (root/<class>/<image>); check the path')
         folders = sorted(entry.name for entry in os.scandir(root)
                          if entry.is_dir() and not entry.name.startswith('.'))
@@ -85,11 +85,9 @@ class ImageFolderDataset(Dataset):
             if not paths:
                 empty.append(name)
             samples.extend((path, index) for path in paths)
-        if empty:
-            raise DatasetError(
-                f'{len(empty)} class folder(s) of {root!r} hold no images: {first_few(empty, quote=True)}; '
-                f'expected at least one file with extension {", ".join(IMAGE_EXTENSIONS)} '
-                f'in each; add images or remove the folder(s)')
+        refuse([repr(name) for name in empty], f'class folder(s) of {root!r} hold no images',
+               f'expected at least one file with extension {", ".join(IMAGE_EXTENSIONS)} in each; add images or '
+               'remove the folder(s)')
 
         self.root = root
         self.transform = transform
@@ -103,14 +101,10 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[Tuple[Any, int]]:
         path, target = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert('RGB')  # decodes every byte: truncated files raise here
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
-            return None
-        if self.transform is not None:
+        image = decode_rgb(path)
+        if image is not None and self.transform is not None:
             image = self.transform(image)
-        return image, target
+        return None if image is None else (image, target)
 
 
 def collate_skipping_corrupt(
@@ -125,9 +119,4 @@ def collate_skipping_corrupt(
         ``(images, targets, skipped)``: the stacked images and targets of the readable samples
         and the number dropped; ``(None, None, skipped)`` when every sample was corrupt.
     """
-    kept = [sample for sample in batch if sample is not None]
-    skipped = len(batch) - len(kept)
-    if not kept:
-        return None, None, skipped
-    images, targets = default_collate(kept)
-    return images, targets, skipped
+    return collate_readable(batch, default_collate)

@@ -1,10 +1,22 @@
-"""Reading image files as RGB, with errors that say what was wrong."""
+"""Reading image files as RGB: for datasets, None for a file that cannot be decoded; for a user's
+image, an error that says what was wrong."""
 import os
+from typing import Optional
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ['read_image', 'to_rgb']
+__all__ = ['decode_rgb', 'read_image', 'to_rgb']
+
+
+def decode_rgb(path: str) -> Optional[Image.Image]:
+    """The image at ``path`` decoded in full and converted to RGB, or None when it cannot be read
+    (zero bytes, truncated, not an image): the datasets skip and count such files."""
+    try:
+        with Image.open(path) as image:
+            return image.convert('RGB')  # decodes every byte: truncated files raise here
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError... for broken files
+        return None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -39,12 +39,8 @@ class SamplingPoints(NamedTuple):
         return (feature + 0.5) * self.stride - 0.5
 
 
-def reference_points(
-        height: int,
-        width: int,
-        device: torch.device = None,
-        dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
+def reference_points(height: int, width: int, device: torch.device = None, dtype: torch.dtype = torch.float32
+                     ) -> torch.Tensor:
     """Uniform grid of reference points ``p`` (DAT Sec. 3.2), one per cell of a
     ``height x width`` grid, at the cell centres ``(i + 0.5) / H * 2 - 1``.
 

@@ -83,13 +83,8 @@ def window_region_mask(
     return _cached_region_mask(padded_size, valid_size, window_size, shift_size, device)
 
 
-def _region_mask(
-        padded_size: Tuple[int, int],
-        valid_size: Tuple[int, int],
-        window_size: Tuple[int, int],
-        shift_size: Tuple[int, int],
-        device: torch.device,
-) -> torch.Tensor:
+def _region_mask(padded_size, valid_size, window_size, shift_size, device) -> torch.Tensor:
+    """The mask of :func:`window_region_mask` (arguments as there), always built."""
     (hp, wp), (h, w), (wh, ww), (sh, sw) = padded_size, valid_size, window_size, shift_size
     # Swin's three regions per axis of the shifted map: [0, -window), [-window, -shift), [-shift, end)
     row_region = _shift_regions(hp, wh, sh)

@@ -64,14 +64,15 @@ class PyramidBackbone(nn.Module):
     def __init__(self, img_size: Union[int, Tuple[int, int]], in_chans: int, num_classes: int, global_pool: str,
                  embed_dims: Sequence[int], patch_size: int):
         super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.num_classes = num_classes
+        # the input, the features and the classifier
         self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.embed_dims = tuple(embed_dims)
+        self.img_size = to_2tuple(img_size)
         self.patch_size = patch_size
         self.min_input_size = patch_size * 2 ** (len(embed_dims) - 1)
+        self.embed_dims = tuple(embed_dims)
         self.num_features = self.head_hidden_size = embed_dims[-1]
+        self.num_classes = num_classes
+        self.global_pool = global_pool
 
     def _build_stages(self, depths: Sequence[int], drop_path_rate: float,
                       make_stage: Callable[[int, int, int, Tuple[int, int], Sequence[float]], nn.Module]) -> None:
@@ -292,12 +293,13 @@ def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwar
         **kwargs)
 
 
-def pyramid_cfg(**kwargs) -> Dict:
-    """timm ``pretrained_cfg`` of an ImageNet-1k pyramid at 224 (bicubic, crop 0.875); ``kwargs`` override."""
+def pyramid_cfg(size: int = 224, **kwargs) -> Dict:
+    """timm ``pretrained_cfg`` of an ImageNet-1k pyramid at ``size`` (bicubic; center crop 0.875 at 224, none at
+    other sizes, as fine-tuned models are evaluated); ``kwargs`` override."""
     return {
         'url': '',
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
-        'crop_pct': 0.875, 'interpolation': 'bicubic', 'fixed_input_size': False,
+        'num_classes': 1000, 'input_size': (3, size, size), 'pool_size': (size // 32, size // 32),
+        'crop_pct': 0.875 if size == 224 else 1.0, 'interpolation': 'bicubic', 'fixed_input_size': False,
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'classifier': 'head.fc', 'license': 'apache-2.0', **kwargs,
     }

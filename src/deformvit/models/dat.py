@@ -788,11 +788,11 @@ def _cfg(**kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'dat_nano.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
+    'dat_nano.untrained': _cfg(size=32),
     'dat_tiny.in1k': _cfg(),
     'dat_small.in1k': _cfg(),
     'dat_base.in1k': _cfg(),
-    'dat_base_384.in1k': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+    'dat_base_384.in1k': _cfg(size=384),
 })
 
 

@@ -590,11 +590,11 @@ def _cfg(**kwargs) -> Dict:
 
 
 default_cfgs = generate_default_cfgs({
-    'eapt_nano.untrained': _cfg(input_size=(3, 32, 32), pool_size=(1, 1), crop_pct=1.0),
+    'eapt_nano.untrained': _cfg(size=32),
     'eapt_small.untrained': _cfg(),
     'eapt_medium.untrained': _cfg(),
     'eapt_large.untrained': _cfg(),
-    'eapt_medium_384.untrained': _cfg(input_size=(3, 384, 384), pool_size=(12, 12), crop_pct=1.0),
+    'eapt_medium_384.untrained': _cfg(size=384),
 })
 
 

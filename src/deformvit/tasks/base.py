@@ -10,12 +10,14 @@ classes of the data) it is given, so the methods may be called in any order, and
 wanted.
 """
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ['Evaluation', 'Step', 'Task']
+__all__ = ['Evaluation', 'Step', 'Task', 'registered']
+
+T = TypeVar('T')
 
 # The loss of one training batch: ``step(model, inputs, targets, device) -> (loss, images)``, run
 # under autocast; a None loss skips the batch.
@@ -43,6 +45,9 @@ class Task:
         model_field: the recipe field naming the (backbone) model, for run folders and
             per-model ``drop_path`` tables.
         find_unused_parameters: DDP must look for parameters without gradients.
+        recipes: ``(without data, with data)``: the recipes used without ``--recipe``, the built-in
+            job's and the paper's.
+        metric_names: the evaluation metrics, when they do not depend on the config.
     """
     name: str = ''
     command: str = ''
@@ -50,13 +55,15 @@ class Task:
     flags: Tuple[str, ...] = ()
     model_field: str = 'model'
     find_unused_parameters: bool = False
+    recipes: Tuple[str, str] = ('', '')
+    metric_names: Tuple[str, ...] = ()
 
     def add_arguments(self, parser) -> None:
         """Add the task's own command-line flags (its data, model and framework) to an argparse parser."""
 
     def default_recipe(self, data: Optional[str]) -> str:
         """The recipe used without ``--recipe``: the built-in job without data, the paper's with it."""
-        raise NotImplementedError
+        return self.recipes[data is not None]
 
     def run_name(self, config: Dict) -> str:
         """The model part of a run folder's default name."""
@@ -64,7 +71,7 @@ class Task:
 
     def metrics(self, config: Dict) -> Tuple[str, ...]:
         """The evaluation metrics logged every epoch; the first selects ``best.safetensors``."""
-        raise NotImplementedError
+        return self.metric_names
 
     def datasets(self, config: Dict) -> Tuple[Any, Any]:
         """``(train, val)`` datasets, each with ``classes``."""
@@ -97,3 +104,10 @@ class Task:
     def reports(self, folder: str, rows: List[Dict], evaluation: Evaluation, classes: List[str]) -> List[str]:
         """Write the figures of a finished run; return lines naming them."""
         return []
+
+
+def registered(table: Mapping[str, T], name: str, kind: str) -> T:
+    """``table[name]`` of a name -> builder table, or a ``ValueError`` naming the ``kind`` and the known names."""
+    if name not in table:
+        raise ValueError(f'unknown {kind} {name!r}; expected one of {", ".join(table)}')
+    return table[name]

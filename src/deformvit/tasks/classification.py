@@ -30,18 +30,15 @@ class ClassificationTask(Task):
     defaults = dict(
         model='dat_tiny', img_size=224, label_smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0,
         hflip=0.5, scale=[0.08, 1.0], augment=True)
+    recipes = ('digits', 'dat-in1k')
+    metric_names = ('top1', 'top5', 'val_loss')
+    collate = staticmethod(collate_skipping_corrupt)
     flags = ('model', 'img_size')
 
     def add_arguments(self, parser) -> None:
         parser.add_argument('--model', help='any registered model name (dat_nano, dat_tiny, ... or a timm model)')
         parser.add_argument('--data', help='folder with train/<class>/* and val/<class>/*; default: embedded digits')
         parser.add_argument('--img-size', type=int, help='training and evaluation resolution')
-
-    def default_recipe(self, data: Optional[str]) -> str:
-        return 'digits' if data is None else 'dat-in1k'
-
-    def metrics(self, config: Dict) -> Tuple[str, ...]:
-        return 'top1', 'top5', 'val_loss'
 
     def datasets(self, config: Dict):
         pretrained_cfg = timm.models.get_pretrained_cfg(config['model'])
@@ -58,9 +55,6 @@ class ClassificationTask(Task):
         train = ImageFolderDataset(os.path.join(root, 'train'), train_tf)
         val = ImageFolderDataset(validation_folder(root) or os.path.join(root, 'val'), eval_tf, classes=train.classes)
         return train, val
-
-    def collate(self, batch):
-        return collate_skipping_corrupt(batch)
 
     def build_model(self, config: Dict, classes: List[str]):
         kwargs = dict(num_classes=len(classes), drop_path_rate=config['drop_path'], img_size=config['img_size'])

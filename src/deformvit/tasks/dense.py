@@ -1,14 +1,38 @@
-"""What detection and segmentation share around their models: the embedded scenes as default
-data, class colours and the prediction of image folders."""
+"""What detection and segmentation share around their models: their task's flags, the embedded
+scenes as default data, class colours and the prediction of image folders."""
 import json
 import os
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from PIL import Image
 
 from ..data import iter_images
+from .base import Task
 
-__all__ = ['class_colors', 'predict_images', 'scenes_root']
+__all__ = ['DenseTask', 'class_colors', 'predict_images', 'scenes_root']
+
+
+class DenseTask(Task):
+    """A task whose model is a framework (named by the field ``framework_field``, one of ``frameworks``)
+    on a ``backbone``; its data default to the embedded digit scenes.
+
+    Attributes:
+        framework_field: the recipe field and flag naming the framework (``detector``, ``decoder``).
+        frameworks: the name -> framework table the field chooses from.
+        data_help: what ``--data`` takes.
+    """
+    model_field = 'backbone'
+    framework_field: str = ''
+    frameworks: Mapping = {}
+    data_help: str = ''
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument('--data', help=f'{self.data_help}; default: the embedded digit scenes')
+        parser.add_argument('--backbone', help='registered model: dat_tiny, eapt_small, ... or a timm model')
+        parser.add_argument(f'--{self.framework_field}', choices=self.frameworks)
+
+    def run_name(self, config: Dict) -> str:
+        return f"{config[self.framework_field]}-{config['backbone']}"
 
 
 def scenes_root(data: Optional[str], layout: str) -> str:

@@ -12,12 +12,11 @@
 A checkpoint of another task than the one asked for is a :class:`TaskMismatchError`; unknown
 names are reported with the closest registered ones.
 """
-import contextlib
 import difflib
 import inspect
 import os
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import timm
 import torch.nn as nn
@@ -93,11 +92,11 @@ def build_model(task: str, architecture: str, **kwargs) -> nn.Module:
     return create_model(architecture, **kwargs)
 
 
-@contextlib.contextmanager
-def _weights_error(path: str) -> Iterator[None]:
-    """Turn the RuntimeError of weights that do not fit the model into a ValueError naming the file."""
+def _with_weights(path: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()``, with the RuntimeError of weights that do not fit the model turned into a ValueError naming
+    ``path``."""
     try:
-        yield
+        return build()
     except RuntimeError as err:
         message = str(err)
         raise ValueError(message if path in message else f'{path} does not fit the model: {message}') from err
@@ -107,14 +106,8 @@ def _looks_like_a_file(text: str) -> bool:
     return text.endswith(_WEIGHT_FILES) or os.sep in text
 
 
-def load_model(
-        model: Optional[str] = None,
-        checkpoint: Optional[str] = None,
-        task: Optional[str] = None,
-        default: Optional[str] = None,
-        size: Optional[int] = None,
-        **model_kwargs,
-) -> LoadedModel:
+def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, task: Optional[str] = None,
+               default: Optional[str] = None, size: Optional[int] = None, **model_kwargs) -> LoadedModel:
     """A model in eval mode from a registered name, a weights file, or both.
 
     Args:
@@ -166,8 +159,8 @@ def load_model(
                              'training run (last.safetensors or best.safetensors)')
         name = name or default or infer_dat_variant(load_state_dict_file(path))
         check_model_name(name)
-        with _weights_error(path):
-            network = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs)
+        network = _with_weights(path, lambda: timm.create_model(
+            name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs))
         loaded = LoadedModel(network, name, 'classify', None, path, '')
     loaded.model.eval()
     loaded.weights = f'weights {os.path.basename(path)}'
@@ -189,11 +182,11 @@ def _from_record(path: str, record: CheckpointRecord, name: Optional[str], task:
     if model_kwargs.get('num_classes', recorded_classes) != recorded_classes:
         raise ValueError(f'{path} predicts {recorded_classes} classes; num_classes={model_kwargs["num_classes"]} '
                          'would replace its classifier with a random one')
-    with _weights_error(path):
-        if model_kwargs:  # through the family's checkpoint filter, which fits size-dependent tables
-            network = timm.create_model(record.architecture, pretrained=True, pretrained_cfg_overlay=dict(file=path),
-                                        **dict(record.model_kwargs, **model_kwargs))
-        else:
-            network = build_model(record.task, record.architecture, **record.model_kwargs)
-            network.load_state_dict(load_state_dict_file(path))
+    if model_kwargs:  # through the family's checkpoint filter, which fits size-dependent tables
+        network = _with_weights(path, lambda: timm.create_model(
+            record.architecture, pretrained=True, pretrained_cfg_overlay=dict(file=path),
+            **dict(record.model_kwargs, **model_kwargs)))
+    else:
+        network = build_model(record.task, record.architecture, **record.model_kwargs)
+        _with_weights(path, lambda: network.load_state_dict(load_state_dict_file(path)))
     return LoadedModel(network, record.architecture, record.task, record.classes, path, '')

@@ -28,7 +28,7 @@ Examples:
 import os
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
@@ -267,8 +267,11 @@ def check_output_path(path: str, fmt: str) -> str:
     return path
 
 
-def _export(model, path, fmt, size, batch, static, check, tolerance, write, runner, opset=None) -> ExportReport:
-    """Validate, ``write(tmp, size)`` beside ``path``, check ``tmp`` and rename it to ``path`` if it passes."""
+def _export(model: nn.Module, path: str, fmt: str, write: Callable, runner: Callable,
+            size: Optional[Union[int, Sequence[int]]] = None, batch: int = 1, static: bool = False, check: bool = True,
+            tolerance: float = TOLERANCE, opset: Optional[int] = None) -> ExportReport:
+    """Validate, ``write(tmp, size)`` beside ``path``, check ``tmp`` with ``runner`` and rename it to ``path`` if it
+    passes; the other arguments are those of :func:`export_onnx`."""
     if batch < 1:
         raise ValueError(f'batch must be at least 1, got {batch}')
     path = check_output_path(path, fmt)
@@ -346,28 +349,21 @@ def export_onnx(
             raise ValueError(f'torch.onnx wrote opset {written}, not the requested {opset}')
         onnx.save(proto, tmp)
 
-    return _export(model, path, 'onnx', size, batch, static, check, tolerance, write, _onnx_runner, opset)
+    return _export(model, path, 'onnx', write, _onnx_runner, size, batch, static, check, tolerance, opset)
 
 
-def export_program(
-        model: nn.Module,
-        path: str,
-        size: Optional[Union[int, Sequence[int]]] = None,
-        batch: int = 1,
-        static: bool = False,
-        check: bool = True,
-        tolerance: float = TOLERANCE,
-) -> ExportReport:
+def export_program(model: nn.Module, path: str, size: Optional[Union[int, Sequence[int]]] = None, batch: int = 1,
+                   static: bool = False, **options) -> ExportReport:
     """Write ``model`` as a ``torch.export`` ExportedProgram (``torch.export.save``, ``.pt2``) and check it.
 
-    Arguments and the write-check-rename sequence as in :func:`export_onnx`. The program keeps
-    the model's attention kernels (``F.scaled_dot_product_attention``); load it with
-    ``torch.export.load(path).module()``.
+    Arguments (``check`` and ``tolerance`` among ``options``) and the write-check-rename sequence as in
+    :func:`export_onnx`. The program keeps the model's attention kernels
+    (``F.scaled_dot_product_attention``); load it with ``torch.export.load(path).module()``.
     """
     def write(tmp: str, size: Tuple[int, int]) -> None:
         torch.export.save(capture(model, size, batch, static), tmp)
 
-    return _export(model, path, 'exported-program', size, batch, static, check, tolerance, write, _program_runner)
+    return _export(model, path, 'exported-program', write, _program_runner, size, batch, static, **options)
 
 
 def measure_latency(model: nn.Module, path: str, shape: Tuple[int, ...], runs: int = 10) -> dict:

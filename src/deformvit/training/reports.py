@@ -64,20 +64,16 @@ def plot_metrics(rows: List[Dict], metrics: Sequence[str], path: str) -> None:
     losses = [m for m in metrics if m.endswith('loss')]
     scores = [m for m in metrics if not m.endswith('loss')]
     fig = Figure(figsize=(10, 4))
-    ax_loss, ax_score = fig.subplots(1, 2)
-    for key, label in (('train_loss', 'train'), *((m, m.replace('_loss', '').replace('val', 'held out'))
-                                                   for m in losses)):
-        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, '') != '']
-        if points:
-            ax_loss.plot(*zip(*points), marker='.', label=label)
-    ax_loss.set(xlabel='epoch', ylabel='loss', title='Loss')
-    ax_loss.legend()
-    for key in scores:
-        points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, '') != '']
-        if points:
-            ax_score.plot(*zip(*points), marker='.', label=key)
-    ax_score.set(xlabel='epoch', ylabel='%', title='Held-out metrics')
-    ax_score.legend()
+    panels = zip(fig.subplots(1, 2), ('loss', '%'), ('Loss', 'Held-out metrics'), (
+        [('train_loss', 'train')] + [(m, m.replace('_loss', '').replace('val', 'held out')) for m in losses],
+        [(m, m) for m in scores]))
+    for ax, unit, title, curves in panels:
+        for key, label in curves:
+            points = [(e, float(r[key])) for e, r in zip(epochs, rows) if r.get(key, '') != '']
+            if points:
+                ax.plot(*zip(*points), marker='.', label=label)
+        ax.set(xlabel='epoch', ylabel=unit, title=title)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

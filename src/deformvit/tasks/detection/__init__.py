@@ -8,6 +8,7 @@ from typing import Dict, Type
 
 import torch.nn as nn
 
+from ..base import registered
 from .base import Detector
 from .rcnn import FasterRCNNDetector, MaskRCNNDetector
 from .retinanet import RetinaNetDetector
@@ -22,14 +23,8 @@ DETECTORS: Dict[str, Type[Detector]] = {
 
 
 def detector_class(name: str) -> Type[Detector]:
-    """The framework registered as ``name``.
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    if name not in DETECTORS:
-        raise ValueError(f'unknown detector {name!r}; expected one of {", ".join(DETECTORS)}')
-    return DETECTORS[name]
+    """The framework registered as ``name`` (``ValueError`` for an unknown one)."""
+    return registered(DETECTORS, name, 'detector')
 
 
 def build_detector(name: str = 'mask_rcnn', backbone: str = 'dat_tiny', num_classes: int = 80, **kwargs) -> nn.Module:

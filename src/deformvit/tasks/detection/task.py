@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from ...data import DatasetError
 from ...data.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, to_coco_results
-from ..base import Evaluation, Task
-from ..dense import class_colors, predict_images, scenes_root
+from ..base import Evaluation
+from ..dense import DenseTask, class_colors, predict_images, scenes_root
 from . import DETECTORS, build_detector, detector_class
 
 __all__ = ['BOX_METRICS', 'MASK_METRICS', 'DetectionTask', 'draw_detections', 'evaluate_detector', 'predict']
@@ -32,7 +32,7 @@ def _metrics(masks: bool) -> Tuple[str, ...]:
     return BOX_METRICS + (MASK_METRICS if masks else ())
 
 
-class DetectionTask(Task):
+class DetectionTask(DenseTask):
     """Detectors of :data:`~deformvit.tasks.detection.DETECTORS` on COCO-format data."""
     name = 'detect'
     command = 'deformvit detect train'
@@ -40,20 +40,12 @@ class DetectionTask(Task):
         detector='mask_rcnn', backbone='dat_tiny', min_size=800, max_size=1333, fpn_channels=256,
         anchor_sizes=[32, 64, 128, 256, 512], representation_size=1024, hflip=0.5, detector_kwargs={},
         eval_batch_size=2)
+    recipes = ('det-digits', 'det-1x')
+    collate = staticmethod(collate_detection)
     flags = ('backbone', 'detector')
-    model_field = 'backbone'
-
-    def add_arguments(self, parser) -> None:
-        parser.add_argument('--data', help='COCO root (train2017/, val2017/, annotations/instances_*.json); '
-                                           'default: the embedded digit scenes')
-        parser.add_argument('--backbone', help='registered model: dat_tiny, eapt_small, ... or a timm model')
-        parser.add_argument('--detector', choices=DETECTORS)
-
-    def default_recipe(self, data: Optional[str]) -> str:
-        return 'det-digits' if data is None else 'det-1x'
-
-    def run_name(self, config: Dict) -> str:
-        return f"{config['detector']}-{config['backbone']}"
+    framework_field = 'detector'
+    frameworks = DETECTORS
+    data_help = 'COCO root (train2017/, val2017/, annotations/instances_*.json)'
 
     def metrics(self, config: Dict) -> Tuple[str, ...]:
         return _metrics(detector_class(config['detector']).has_masks())
@@ -68,9 +60,6 @@ class DetectionTask(Task):
                                f'{val.classes[:10]}; expected the same categories in both')
         print(f'train: {train.summary()}\nval:   {val.summary()}', flush=True)
         return train, val
-
-    def collate(self, batch):
-        return collate_detection(batch)
 
     def build_model(self, config: Dict, classes: List[str]):
         model = build_detector(

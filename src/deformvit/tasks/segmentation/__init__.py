@@ -7,6 +7,7 @@ line in the table.
 """
 from typing import Dict, Optional, Type
 
+from ..base import registered
 from ..necks import create_backbone, input_normalisation
 from .segmentor import Decoder, Segmentor
 from .semantic_fpn import SemanticFPNDecoder
@@ -21,27 +22,14 @@ SEGMENTORS: Dict[str, Type[Decoder]] = {
 
 
 def decoder_class(name: str) -> Type[Decoder]:
-    """The decoder registered as ``name``.
-
-    Raises:
-        ValueError: an unknown name.
-    """
-    if name not in SEGMENTORS:
-        raise ValueError(f'unknown decoder {name!r}; expected one of {", ".join(SEGMENTORS)}')
-    return SEGMENTORS[name]
+    """The decoder registered as ``name`` (``ValueError`` for an unknown one)."""
+    return registered(SEGMENTORS, name, 'decoder')
 
 
-def build_segmentor(
-        name: str = 'upernet',
-        backbone: str = 'dat_tiny',
-        num_classes: int = 150,
-        pretrained_backbone: Optional[str] = None,
-        drop_path_rate: float = 0.0,
-        channels: Optional[int] = None,
-        auxiliary_head: Optional[bool] = None,
-        fpn_channels: int = 256,
-        backbone_kwargs: Optional[Dict] = None,
-) -> Segmentor:
+def build_segmentor(name: str = 'upernet', backbone: str = 'dat_tiny', num_classes: int = 150,
+                    pretrained_backbone: Optional[str] = None, drop_path_rate: float = 0.0,
+                    channels: Optional[int] = None, auxiliary_head: Optional[bool] = None, fpn_channels: int = 256,
+                    backbone_kwargs: Optional[Dict] = None) -> Segmentor:
     """A :class:`Segmentor` with the decoder ``name`` on ``backbone``.
 
     Args:
@@ -67,8 +55,8 @@ def build_segmentor(
         auxiliary_head = decoder.auxiliary_head
     body = create_backbone(backbone, (4, 8, 16, 32), pretrained_backbone, drop_path_rate, **(backbone_kwargs or {}))
     levels = body.feature_info
-    model = Segmentor(body, decoder(levels.channels(), levels.reduction(), channels, fpn_channels), num_classes,
-                      auxiliary_head)
+    model = Segmentor(body, decoder(levels.channels(), levels.reduction(), channels or decoder.default_channels,
+                                    fpn_channels), num_classes, auxiliary_head)
     model.config = dict(decoder=name, backbone=backbone, num_classes=num_classes, channels=channels,
                         auxiliary_head=auxiliary_head, fpn_channels=fpn_channels,
                         backbone_kwargs=dict(backbone_kwargs or {}))

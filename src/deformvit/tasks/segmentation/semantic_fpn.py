@@ -6,7 +6,7 @@ of 128 channels with 2x bilinear upsampling until stride 4 (one layer for P2 and
 P4, three for P5), summed.
 """
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -25,15 +25,14 @@ class SemanticFPNDecoder(Decoder):
     Args:
         in_channels: channels of the backbone levels, finest first (strides ``strides``).
         strides: output strides of the levels; each level is upsampled to ``strides[0]``.
-        channels: width of the upsampling heads and of the output (None: 128).
+        channels: width of the upsampling heads and of the output (the paper's: 128).
         fpn_channels: FPN width (256).
     """
     default_channels = 128
 
-    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: Optional[int] = None,
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: int = default_channels,
                  fpn_channels: int = 256):
         super().__init__()
-        channels = channels or self.default_channels
         self.norms = nn.ModuleList(LayerNorm2d(c) for c in in_channels)
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels)
         self.scale_heads = nn.ModuleList()

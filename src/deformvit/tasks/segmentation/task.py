@@ -22,15 +22,15 @@ from torch.utils.data import DataLoader
 
 from ...data import DatasetError
 from ...data.ade import SegmentationFolder, SegmentationMetrics, collate_segmentation
-from ..base import Evaluation, Task
-from ..dense import class_colors, predict_images, scenes_root
+from ..base import Evaluation
+from ..dense import DenseTask, class_colors, predict_images, scenes_root
 from . import SEGMENTORS, build_segmentor
 from .inference import MULTI_SCALE_RATIOS, segment_logits
 
 __all__ = ['SegmentationTask', 'evaluate_segmentor', 'predict']
 
 
-class SegmentationTask(Task):
+class SegmentationTask(DenseTask):
     """Segmentors of :data:`~deformvit.tasks.segmentation.SEGMENTORS` on ADE20K-layout data."""
     name = 'segment'
     command = 'deformvit segment train'
@@ -39,24 +39,17 @@ class SegmentationTask(Task):
         scale=[2048, 512], ratio_range=[0.5, 2.0], hflip=0.5, photometric=True, reduce_zero_label=True,
         aux_weight=0.4, test_mode='whole', test_crop=[512, 512], test_stride=[341, 341], test_scales=[1.0],
         test_flip=False, eval_batch_size=1)
+    recipes = ('seg-digits', 'seg-upernet-160k')
+    metric_names = ('miou', 'macc', 'aacc')
+    collate = staticmethod(collate_segmentation)
     flags = ('backbone', 'decoder', 'iterations')
-    model_field = 'backbone'
+    framework_field = 'decoder'
+    frameworks = SEGMENTORS
+    data_help = 'ADE20K-layout root (images/, annotations/, optional classes.txt)'
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument('--data', help='ADE20K-layout root (images/, annotations/, optional classes.txt); '
-                                           'default: the embedded digit scenes')
-        parser.add_argument('--backbone', help='registered model: dat_tiny, eapt_small, ... or a timm model')
-        parser.add_argument('--decoder', choices=SEGMENTORS)
+        super().add_arguments(parser)
         parser.add_argument('--iterations', type=int, help='optimizer updates (sets the number of epochs)')
-
-    def default_recipe(self, data: Optional[str]) -> str:
-        return 'seg-digits' if data is None else 'seg-upernet-160k'
-
-    def run_name(self, config: Dict) -> str:
-        return f"{config['decoder']}-{config['backbone']}"
-
-    def metrics(self, config: Dict) -> Tuple[str, ...]:
-        return 'miou', 'macc', 'aacc'
 
     def datasets(self, config: Dict):
         root = scenes_root(config['data'], 'ade')
@@ -67,9 +60,6 @@ class SegmentationTask(Task):
         val = SegmentationFolder(root, 'validation', classes=train.classes, train=False, **common)
         print(f'train: {train.summary()}\nval:   {val.summary()}', flush=True)
         return train, val
-
-    def collate(self, batch):
-        return collate_segmentation(batch)
 
     def build_model(self, config: Dict, classes: List[str]):
         model = build_segmentor(config['decoder'], config['backbone'], len(classes),

@@ -4,7 +4,7 @@ stage, an FPN of 512 channels and the four levels fused at stride 4; trained wit
 FCN head on stage 3 (256 channels, loss weight 0.4). The decoder is
 segmentation_models_pytorch's ``UPerNetDecoder``.
 """
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
@@ -20,16 +20,15 @@ class UPerNet(Decoder):
     Args:
         in_channels: channels of the backbone levels, finest first.
         strides: output strides of the levels (the decoder assumes 4, 8, 16, 32).
-        channels: width of the pyramid pooling, FPN and output (None: 512).
+        channels: width of the pyramid pooling, FPN and output (the paper's: 512).
         fpn_channels: unused; UperNet's FPN is ``channels`` wide.
     """
     default_channels = 512
     auxiliary_head = True
 
-    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: Optional[int] = None,
+    def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: int = default_channels,
                  fpn_channels: int = 256):
         super().__init__()
-        channels = channels or self.default_channels
         # the decoder reads levels [stride 1, 2, 4, 8, 16, 32] and skips the first two
         self.decoder = UPerNetDecoder([0, 0, *in_channels], encoder_depth=5, decoder_channels=channels)
         self.out_channels = channels
