@@ -84,3 +84,8 @@ def test_eval_refuses_a_detection_checkpoint_by_name(tmp_path):
     save_safetensors({'w': torch.zeros(1)}, str(path), metadata_for('mask_rcnn', {}, ['a'], 0, task='detect'))
     with pytest.raises(SystemExit, match='^deformvit eval: .* is a detection checkpoint .*; expected a classification'):
         main(['eval', str(path)])
+
+
+def test_demo_refuses_a_model_without_deformable_blocks():
+    with pytest.raises(SystemExit, match='^deformvit demo: resnet18 is a ResNet; the demo shows the deformable blocks'):
+        main(['demo', '--model', 'resnet18'])

@@ -217,6 +217,7 @@ def test_bf16_channels_last_and_grad_checkpointing_train(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_torch_compile_option_trains(tmp_path):
+    torch._dynamo.reset()  # sizes compiled by earlier tests would make this compilation's shapes dynamic
     data = make_images(tmp_path / 'data', per_class=8)
     main(['train', '--data', str(data), '--output', str(tmp_path / 'run'), '--epochs', '1', '--batch-size', '8',
           *FAST, '--compile'])

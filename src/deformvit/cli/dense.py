@@ -10,8 +10,19 @@ from .train import add_training_arguments
 
 __all__ = ['register']
 
+# what predict writes, per command
+WRITTEN = {'detect': 'drawings and detections.json', 'segment': 'label maps, overlays and classes.json'}
+# the help of each command: the task, its train, eval and predict actions
+HELP = {
+    'detect': ('object detection / instance segmentation: train, eval, predict',
+               'train a detector (no --data: the embedded digit scenes)', 'COCO box/mask AP of a checkpoint',
+               'draw detections on images and write detections.json'),
+    'segment': ('semantic segmentation: train, eval, predict', 'train a segmentor (no --data: the embedded digit '
+                'scenes)', 'mIoU, mAcc and per-class IoU of a checkpoint', 'write label maps and overlays of images'),
+}
 
-def _add_commands(commands, name: str, module, data_help: str, evaluate: Callable, predict: Callable, outputs: str):
+
+def _add_commands(commands, name: str, module, data_help: str, evaluate: Callable, predict: Callable, folder: str):
     """The ``train``, ``eval`` and ``predict`` sub-commands of a dense task, with the flags they share;
     returns the eval and predict parsers."""
     task = get_task(name)
@@ -28,7 +39,7 @@ def _add_commands(commands, name: str, module, data_help: str, evaluate: Callabl
     predict_parser = actions.add_parser('predict', help=predict_help)
     predict_parser.add_argument('checkpoint')
     predict_parser.add_argument('inputs', nargs='+', help='image files or folders')
-    predict_parser.add_argument('--output', default=outputs, help=f'output folder (default: {outputs})')
+    predict_parser.add_argument('--output', default=folder, help=f'folder for the {WRITTEN[name]} (default: {folder})')
     predict_parser.set_defaults(func=predict, prog=f'deformvit {name} predict')
     return eval_parser, predict_parser
 
@@ -39,10 +50,10 @@ def _add_device_flags(eval_parser: argparse.ArgumentParser, predict_parser: argp
     predict_parser.add_argument('--device', default='cpu')
 
 
-def _print_unreadable(result: Dict, output: str, written: str) -> None:
+def _print_unreadable(result: Dict, output: str, name: str) -> None:
     if result['unreadable']:
         print(f"skipped {len(result['unreadable'])} unreadable file(s): {', '.join(result['unreadable'][:5])}")
-    print(f'{written} in {output}')
+    print(f'{WRITTEN[name]} in {output}')
 
 
 def detect_eval(args: argparse.Namespace) -> Dict:
@@ -52,8 +63,9 @@ def detect_eval(args: argparse.Namespace) -> Dict:
     m = evaluation.metrics
     print(f'{args.checkpoint} on {evaluation.images} images of {images}'
           + (f' ({evaluation.skipped} unreadable skipped)' if evaluation.skipped else ''))
-    for prefix in ('box', 'mask') if 'mask_ap' in m else ('box',):
-        print(f'  {prefix:4s} AP {m[prefix + "_ap"]:5.2f}  AP50 {m[prefix + "_ap50"]:5.2f}  AP75 {m[prefix + "_ap75"]:5.2f}'
+    for prefix in ('box', 'mask') if loaded.model.has_masks() else ('box',):
+        print(f'  {prefix:4s} AP {m[prefix + "_ap"]:5.2f}  AP50 {m[prefix + "_ap50"]:5.2f}  '
+              f'AP75 {m[prefix + "_ap75"]:5.2f}'
               f'  APs {m[prefix + "_aps"]:5.2f}  APm {m[prefix + "_apm"]:5.2f}  APl {m[prefix + "_apl"]:5.2f}')
     print('per-class box AP:')
     for name, ap in zip(loaded.classes, m['box_ap_per_class']):
@@ -67,7 +79,7 @@ def detect_predict(args: argparse.Namespace) -> Dict:
     for record in result['images']:
         found = ', '.join(f"{d['label']} {d['score']:.2f}" for d in record['detections']) or 'nothing'
         print(f"{record['file']}: {found}")
-    _print_unreadable(result, args.output, 'drawings and detections.json')
+    _print_unreadable(result, args.output, 'detect')
     return result
 
 
@@ -92,18 +104,8 @@ def segment_predict(args: argparse.Namespace) -> Dict:
     for record in result['images']:
         top = sorted(record['classes'].items(), key=lambda kv: -kv[1])[:5]
         print(f"{record['file']}: " + ', '.join(f'{name} {share:.0%}' for name, share in top))
-    _print_unreadable(result, args.output, 'label maps, overlays and classes.json')
+    _print_unreadable(result, args.output, 'segment')
     return result
-
-
-# the help of each command: the task, its train, eval and predict actions
-HELP = {
-    'detect': ('object detection / instance segmentation: train, eval, predict',
-               'train a detector (no --data: the embedded digit scenes)', 'COCO box/mask AP of a checkpoint',
-               'draw detections on images and write detections.json'),
-    'segment': ('semantic segmentation: train, eval, predict', 'train a segmentor (no --data: the embedded digit '
-                'scenes)', 'mIoU, mAcc and per-class IoU of a checkpoint', 'write label maps and overlays of images'),
-}
 
 
 def register(commands) -> None:

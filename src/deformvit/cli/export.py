@@ -30,7 +30,8 @@ def _json_object(text: str) -> dict:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"position_bias": "fixed"}}\', got {text!r}')
+        raise argparse.ArgumentTypeError(f'expected a JSON object such as \'{{"position_bias": "fixed"}}\', '
+                                         f'got {text!r}')
     return value
 
 

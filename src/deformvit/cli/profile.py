@@ -34,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--table', action='append', metavar='TABLE',
                         help='with --paper: only this table, e.g. "Table 6" or "DAT Table 6" (repeatable; prints only)')
     parser.add_argument('--output', metavar='PATH',
-                        help=f'with --paper: markdown file to write (default: {profile.PAPER_TABLES_PATH} for all tables)')
+                        help=f'with --paper: markdown file to write (default: {profile.PAPER_TABLES_PATH} for all '
+                             'tables)')
 
 
 def run(args: argparse.Namespace) -> None:

@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--head', type=int, help='attention head (default: the mean over heads)')
     parser.add_argument('--query', type=float, nargs=2, metavar=('X', 'Y'),
                         help='query pixel (column, row) of the displayed input for query-keys (default: the centre)')
-    parser.add_argument('--top-k', type=int, default=32, help='keys drawn by key-importance and query-keys (default: 32)')
+    parser.add_argument('--top-k', type=int, default=32,
+                        help='keys drawn by key-importance and query-keys (default: 32)')
     parser.add_argument('--reduction', choices=('norm', 'mean'), default='norm',
                         help='channel reduction of eapt-heatmaps (default: L2 norm)')
     parser.add_argument('--edge-samples', type=int, default=EDGE_SAMPLES,

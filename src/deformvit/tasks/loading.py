@@ -161,9 +161,8 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
         check_model_name(name)
         network = _with_weights(path, lambda: timm.create_model(
             name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs))
-        loaded = LoadedModel(network, name, 'classify', None, path, '')
+        loaded = LoadedModel(network, name, 'classify', None, path, f'weights {os.path.basename(path)}')
     loaded.model.eval()
-    loaded.weights = f'weights {os.path.basename(path)}'
     return loaded
 
 
@@ -189,4 +188,5 @@ def _from_record(path: str, record: CheckpointRecord, name: Optional[str], task:
     else:
         network = build_model(record.task, record.architecture, **record.model_kwargs)
         _with_weights(path, lambda: network.load_state_dict(load_state_dict_file(path)))
-    return LoadedModel(network, record.architecture, record.task, record.classes, path, '')
+    return LoadedModel(network, record.architecture, record.task, record.classes, path,
+                       f'weights {os.path.basename(path)}')

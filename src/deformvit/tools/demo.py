@@ -16,6 +16,8 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import ImageNetInfo, create_transform, resolve_data_config
 
+from ..models import PyramidBackbone
+
 __all__ = ['demo_report']
 
 
@@ -28,7 +30,13 @@ def demo_report(model: nn.Module, name: str, weights: str, image: Image.Image, s
         model: the classifier; ``name`` its architecture and ``weights`` its weights in words.
         image: an RGB image; ``source`` where it came from.
         classes: the names of the model's classes (default: ImageNet-1k's).
+
+    Raises:
+        ValueError: ``model`` is not a DAT or EAPT model.
     """
+    if not isinstance(model, PyramidBackbone):
+        raise ValueError(f'{name} is a {type(model).__name__}; the demo shows the deformable blocks of DAT and EAPT '
+                         'models (dat_tiny, eapt_small, ...)')
     x = create_transform(**resolve_data_config({}, model=model))(image).unsqueeze(0)
     lines = [f'{name}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, weights: {weights}',
              f'image: {source}, {image.size[0]}x{image.size[1]} -> input {tuple(x.shape)}']

@@ -5,8 +5,8 @@
     deformvit profile --paper                               # every paper row; writes docs/paper-tables.md
 
 MACs follow fvcore's convention (``--convention modules`` gives mmcv's, see
-``deformvit.complexity``). ``--paper`` measures every model and ablation row of DAT Tables 2 and
-6-9 and EAPT Tables III, VII and VIII that deformvit builds (``deformvit.paper``), prints the
+``deformvit.tools.complexity``). ``--paper`` measures every model and ablation row of DAT Tables 2 and
+6-9 and EAPT Tables III, VII and VIII that deformvit builds (``deformvit.tools.paper``), prints the
 paper's figure, ours and the difference, and writes the same tables to a markdown file.
 """
 import datetime
