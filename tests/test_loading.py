@@ -44,6 +44,10 @@ def test_a_name_builds_random_weights_and_a_close_typo_is_named():
         load_model('dat_nanno')
     with pytest.raises(ValueError, match='name a model or a weights file'):
         load_model()
+    assert tuple(load_model('dat_nano', size=64).model.img_size) == (64, 64)
+    for size in (0, -1):
+        with pytest.raises(ValueError, match=f'size must be a positive input side in pixels, got {size}'):
+            load_model('dat_nano', size=size)
 
 
 @pytest.mark.parametrize('task', ['classify', 'detect', 'segment'])

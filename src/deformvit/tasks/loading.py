@@ -74,6 +74,8 @@ def create_model(name: str, size: Optional[int] = None, **kwargs) -> nn.Module:
     argument (ViTs, Swin, DAT, EAPT), it is built for ``size``.
     """
     check_model_name(name)
+    if size is not None and size < 1:
+        raise ValueError(f'size must be a positive input side in pixels, got {size}')
     model = timm.create_model(name, **kwargs)
     default_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, size, size))[-1]
     if size is not None and size != default_size and 'img_size' in inspect.signature(type(model)).parameters:
