@@ -8,7 +8,7 @@ from .position import (
     resize_relative_position_table,
 )
 from .position_encoding import MCMD, FloaterEncoding, LearnedEmbedding, SinusoidalEncoding, gaussian_descriptors
-from .sampling import SamplingPoints, reference_points, sample_bilinear
+from .sampling import SamplingPoints, bilinear_grid_sample, reference_points, sample_bilinear
 from .mlp import Mlp
 from .window import pad_to_multiple, window_partition, window_region_mask, window_reverse
 
@@ -23,6 +23,7 @@ __all__ = [
     'attention',
     'attention_switches',
     'attention_weights',
+    'bilinear_grid_sample',
     'deformable_relative_position_bias',
     'gaussian_descriptors',
     'pad_to_multiple',

@@ -12,6 +12,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .sampling import bilinear_grid_sample
+
 __all__ = [
     'deformable_relative_position_bias',
     'relative_position_index',
@@ -52,18 +54,19 @@ def deformable_relative_position_bias(
         n_groups: offset groups ``G``; heads ``heads / G * g ... `` share group ``g``'s keys.
 
     Returns:
-        ``(B, heads, Nq, Nk)`` bias.
+        ``(B, heads, Nq, Nk)`` bias in ``table.dtype``. Pass float32 points: the displacements
+        are then exact, and a float16 / bfloat16 table is read in float32 on the CPU
+        (:func:`deformvit.layers.bilinear_grid_sample`).
     """
     heads, th, tw = table.shape
     bg, nk, _ = key_points.shape
     batch = bg // n_groups
     # (Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2), flipped to grid_sample's (x, y) order
     displacement = (query_points.flip(-1)[None, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
-    displacement = displacement.to(table.dtype)
     # (heads, Th, Tw) -> (B*G, heads/G, Th, Tw)
     per_group = table.reshape(n_groups, heads // n_groups, th, tw)
     per_group = per_group.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bg, heads // n_groups, th, tw)
-    bias = F.grid_sample(per_group, displacement, mode='bilinear', align_corners=True)  # (B*G, h/G, Nq, Nk)
+    bias = bilinear_grid_sample(per_group, displacement, align_corners=True)  # (B*G, h/G, Nq, Nk)
     return bias.reshape(batch, heads, bias.shape[-2], nk)
 
 

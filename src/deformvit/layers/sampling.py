@@ -3,13 +3,18 @@ of where a block sampled.
 
 Points are ``(y, x)`` pairs in the normalised range ``[-1, +1]`` of a feature map, with
 ``(-1, -1)`` the top-left and ``(+1, +1)`` the bottom-right corner (DAT Sec. 3.2).
+
+Every bilinear read of the package goes through :func:`bilinear_grid_sample`, which samples
+float16 / bfloat16 maps on the CPU in float32 (see there): PyTorch's CPU grid sampler returns
+NaN or garbage for large strided half-precision maps, such as the channels-last maps of DAT and
+EAPT.
 """
 from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['SamplingPoints', 'reference_points', 'sample_bilinear']
+__all__ = ['SamplingPoints', 'bilinear_grid_sample', 'reference_points', 'sample_bilinear']
 
 
 class SamplingPoints(NamedTuple):
@@ -53,6 +58,35 @@ def reference_points(height: int, width: int, device: torch.device = None, dtype
     return torch.stack((grid_y, grid_x), dim=-1)
 
 
+def bilinear_grid_sample(x: torch.Tensor, grid: torch.Tensor, align_corners: bool) -> torch.Tensor:
+    """``F.grid_sample`` in bilinear mode with zero padding, correct in every precision.
+
+    Args:
+        x: ``(N, C, H, W)`` map, any strides (channels-last views included).
+        grid: ``(N, Ho, Wo, 2)`` locations as ``(x, y)`` in ``[-1, 1]``, in any floating dtype;
+            float32 keeps positions unrounded where the sampling runs in float32.
+        align_corners: grid convention of ``F.grid_sample``.
+
+    Returns:
+        ``(N, C, Ho, Wo)`` in ``x.dtype``.
+
+    Float16 and bfloat16 maps on the CPU are sampled in float32 and the result cast back.
+    PyTorch's CPU half-precision grid sampler reads strided maps wrongly (NaN, values near
+    1e38 or merely wrong ones) once one image's map spans more than about 33k elements, e.g.
+    a channels-last 14 x 14 x 192 map; its float32 kernel and contiguous half maps are right.
+    Upcasting rather than ``.contiguous()`` costs the same one copy, runs faster than the CPU
+    half kernel, keeps a float32 grid unrounded (bfloat16 rounds grid coordinates by up to
+    2^-9, 0.05 pixel on a 56-pixel map) and is what CPU autocast does for ``grid_sampler``.
+    Float32, and every other device, calls ``F.grid_sample`` unchanged, with the grid cast to
+    ``x.dtype``.
+    """
+    if x.device.type == 'cpu' and x.dtype in (torch.float16, torch.bfloat16):
+        # the CPU half kernel misreads strided maps; float32 is right, faster there and exact in the grid
+        out = F.grid_sample(x.float(), grid.float(), mode='bilinear', padding_mode='zeros', align_corners=align_corners)
+        return out.to(x.dtype)
+    return F.grid_sample(x, grid.to(x.dtype), mode='bilinear', padding_mode='zeros', align_corners=align_corners)
+
+
 def sample_bilinear(
         x: torch.Tensor,
         points: torch.Tensor,
@@ -62,11 +96,13 @@ def sample_bilinear(
 
     Args:
         x: ``(N, C, H, W)`` feature map.
-        points: ``(N, Hp, Wp, 2)`` sampling locations as ``(y, x)`` in ``[-1, 1]``.
+        points: ``(N, Hp, Wp, 2)`` sampling locations as ``(y, x)`` in ``[-1, 1]``, any floating
+            dtype (pass float32 points with a half-precision ``x``: see :func:`bilinear_grid_sample`).
         align_corners: grid convention of ``F.grid_sample``; the DAT release samples with
             ``align_corners=True`` (see ``docs/dat.md``).
 
     Returns:
-        ``(N, C, Hp, Wp)`` sampled features.
+        ``(N, C, Hp, Wp)`` sampled features in ``x.dtype``, finite in float16 / bfloat16 on the
+        CPU too (:func:`bilinear_grid_sample`).
     """
-    return F.grid_sample(x, points.flip(-1), mode='bilinear', padding_mode='zeros', align_corners=align_corners)
+    return bilinear_grid_sample(x, points.flip(-1), align_corners)

@@ -14,7 +14,9 @@ Feature maps are channels-last ``(B, H, W, C)`` inside the network; ``features_o
 :meth:`DAT.forward_intermediates` return ``(B, C, H, W)``. Any input of at least
 ``patch_size * 2 ** 3`` pixels per side works: maps are padded to the patch, window and
 downsampling grids and cropped back, and reference grids, shift masks and position biases are
-built for the actual size.
+built for the actual size. Sampling positions are float32 in every precision; a model cast to
+bfloat16 or float16 runs on the CPU too, its bilinear reads made in float32
+(:func:`deformvit.layers.bilinear_grid_sample`).
 
 Checkpoints of the official release (``{'model': state_dict}``) load through
 :func:`checkpoint_filter_fn`, which renames keys, drops derived buffers and resizes position
@@ -34,6 +36,7 @@ from ..layers import (
     PreNormBlock,
     attention,
     attention_weights,
+    bilinear_grid_sample,
     deformable_relative_position_bias,
     pad_to_multiple,
     reference_points,
@@ -345,7 +348,7 @@ class DeformableAttention(nn.Module):
 
         # Eq. (7)-(8): (B, H, W, C) -> (B*G, C/G, H, W) sampled at (B*G, Hk, Wk) points
         x_groups = x.permute(0, 3, 1, 2).reshape(b * self.n_groups, self.group_channels, h, w)
-        x_sampled = sample_bilinear(x_groups, points.to(x.dtype), self.sample_align_corners)  # (B*G, C/G, Hk, Wk)
+        x_sampled = sample_bilinear(x_groups, points, self.sample_align_corners)  # (B*G, C/G, Hk, Wk)
         x_sampled = x_sampled.reshape(b, c, num_keys).transpose(1, 2)  # (B, Ns, C)
 
         # Eq. (6): (B, N, C) -> (B, heads, N, d)
@@ -418,12 +421,12 @@ class DeformableDetrAttention(nn.Module):
         # (B, H, W, C) -> (B*heads, d, H, W)
         value = self.value_proj(x).view(b, h, w, heads, self.head_dim).permute(0, 3, 4, 1, 2)
         value = value.reshape(b * heads, self.head_dim, h, w)
-        # query locations in grid_sample's (x, y) coordinates, pixel centres
-        queries = reference_points(h, w, x.device, x.dtype).flip(-1).reshape(1, h * w, 1, 1, 2)
-        pixel = torch.tensor([2.0 / w, 2.0 / h], device=x.device, dtype=x.dtype)
-        offsets = self.sampling_offsets(x).view(b, h * w, heads, points, 2) * pixel
+        # query locations in grid_sample's (x, y) coordinates, pixel centres; float32 like DAT's points
+        queries = reference_points(h, w, x.device).flip(-1).reshape(1, h * w, 1, 1, 2)
+        pixel = torch.tensor([2.0 / w, 2.0 / h], device=x.device)
+        offsets = self.sampling_offsets(x).float().view(b, h * w, heads, points, 2) * pixel
         grid = (queries + offsets).permute(0, 2, 1, 3, 4).reshape(b * heads, h * w, points, 2)
-        sampled = F.grid_sample(value, grid, mode='bilinear', align_corners=False)  # (B*heads, d, HW, K)
+        sampled = bilinear_grid_sample(value, grid, align_corners=False)  # (B*heads, d, HW, K)
         weights = self.attention_weights(x).view(b, h * w, heads, points).softmax(-1)
         weights = weights.permute(0, 2, 1, 3).reshape(b * heads, 1, h * w, points)
         out = (sampled * weights).sum(-1)  # (B*heads, d, HW)

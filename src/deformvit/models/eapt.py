@@ -21,7 +21,9 @@ argument that changes it, is recorded in ``docs/eapt.md`` next to the equation i
 Feature maps are channels-last ``(B, H, W, C)`` inside the network; ``features_only`` and
 :meth:`EAPT.forward_intermediates` return ``(B, C, H, W)``. Any input of at least 32x32
 pixels works: maps are padded to the patch, window and downsampling grids, the padding is
-kept out of attention, and outputs are cropped back.
+kept out of attention, and outputs are cropped back. Key positions are float32 in every
+precision; a model cast to bfloat16 or float16 runs on the CPU too, its bilinear reads made in
+float32 (:func:`deformvit.layers.bilinear_grid_sample`).
 """
 import math
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
@@ -41,6 +43,7 @@ from ..layers import (
     PreNormBlock,
     SinusoidalEncoding,
     attention,
+    bilinear_grid_sample,
     deformable_relative_position_bias,
     pad_to_multiple,
     resize_relative_position_table,
@@ -338,8 +341,8 @@ class DeformableWindowAttention(nn.Module):
             (h, w) = geometry.size
             spatial = geometry.reverse(x)[:, :h, :w].permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
             scale = torch.tensor([max(h - 1, 1), max(w - 1, 1)], device=x.device, dtype=torch.float32)
-            grid = (positions / scale * 2 - 1).flip(-1).view(-1, num_windows, n, 2).to(x.dtype)  # (x, y) order
-            keys = F.grid_sample(spatial, grid, mode='bilinear', align_corners=True)  # (B, C, nW, N)
+            grid = (positions / scale * 2 - 1).flip(-1).view(-1, num_windows, n, 2)  # float32, (x, y) order
+            keys = bilinear_grid_sample(spatial, grid, align_corners=True)  # (B, C, nW, N)
             keys = keys.permute(0, 2, 3, 1).reshape(bnw, n, c)
         # (B*nW, N, 2C) -> 2 x (B*nW, heads, N, d)
         k, v = self.kv(keys).view(bnw, n, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
