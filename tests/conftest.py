@@ -1,4 +1,7 @@
+import struct
+import zlib
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
@@ -16,6 +19,22 @@ def _seed():
 @pytest.fixture
 def fixtures() -> Path:
     return FIXTURES
+
+
+def _write_bomb_png(path: Path) -> Path:
+    """A 100-byte PNG whose header claims 60000x60000 RGB pixels: Pillow refuses it as a decompression bomb."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    header = struct.pack('>IIBBBBB', 60000, 60000, 8, 2, 0, 0, 0)  # width, height, 8-bit RGB
+    path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(b'\0' * 64))
+                     + chunk(b'IEND', b''))
+    return path
+
+
+@pytest.fixture(scope='session')
+def bomb_png() -> Callable[[Path], Path]:
+    """``bomb_png(path)`` writes a decompression bomb's header as a PNG file at ``path`` and returns ``path``."""
+    return _write_bomb_png
 
 
 def pytest_addoption(parser):

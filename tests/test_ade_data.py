@@ -9,7 +9,7 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import DataLoader
 
-from deformvit.data import DatasetError
+from deformvit.data import DatasetError, ade
 from deformvit.data.ade import (
     ADE20K_CLASSES, SegmentationFolder, SegmentationMetrics, _scale_saturation, collate_segmentation,
 )
@@ -278,6 +278,11 @@ def test_empty_classes_txt_is_an_error(ade_root):
     (dict(split='training', ratio_range=(2.0, 0.5)), r'ratio_range \(2.0, 0.5\) is not an interval'),
     (dict(split='training', cat_max_ratio=0.0), r'cat_max_ratio 0.0 is outside \(0, 1\]'),
     (dict(split='training', hflip=1.5), r'hflip 1.5 is not a probability'),
+    (dict(split='training', crop_size=(0, 512)), r'crop_size \(0, 512\) is not two positive whole numbers of pixels; '
+                                                 r'expected the \(height, width\) of the training crop'),
+    (dict(split='validation', scale=(0, 0)), r'scale \(0, 0\) is not two positive whole numbers of pixels; '
+                                             r'expected the \(long, short\) sides'),
+    (dict(split='validation', scale=(2048, -512)), r'scale \(2048, -512\) is not two positive'),
 ])
 def test_bad_settings_are_rejected(ade_root, settings, match):
     with pytest.raises(ValueError, match=match):
@@ -315,6 +320,44 @@ def test_unreadable_image_gives_none_and_the_collate_counts_it(ade_root):
     images, labels, skipped = next(iter(DataLoader(dataset, batch_size=2, collate_fn=collate_segmentation)))
     assert images.shape == (1, 3, 32, 32) and labels.shape == (1, 32, 32) and skipped == 1
     assert collate_segmentation([None, None]) == (None, None, 2)
+
+
+@pytest.mark.parametrize('train', [False, True])
+def test_annotation_without_a_labelled_pixel_is_skipped_like_an_unreadable_file(ade_root, train):
+    _write_pair(ade_root, 'ADE_train_00000003', np.zeros((12, 20), dtype=np.uint8))  # all 'other': ignored
+    dataset = SegmentationFolder(ade_root, 'training', train=train, crop_size=(16, 16), scale=(32, 16))
+    assert len(dataset) == 3 and dataset[2] is None  # its cross entropy would average over no pixel: NaN
+    images, labels, skipped = collate_segmentation([dataset[index] for index in range(3)])
+    assert len(images) == 2 and len(labels) == 2 and skipped == 1
+
+
+@pytest.mark.parametrize('value, reduce_zero_label, match', [
+    (0, True, r"of 2 annotation\(s\), 0 cannot be read and the others are all 0 or 255 \(ignored\); expected "
+              r"class values 1..150"),
+    (255, False, r"of 2 annotation\(s\), 0 cannot be read and the others are all 255 \(ignored\); expected "
+                 r"class values 0..149"),
+])
+def test_a_split_without_any_labelled_pixel_is_refused_when_built(tmp_path, value, reduce_zero_label, match):
+    for stem in ('a', 'b'):
+        _write_pair(tmp_path, stem, np.full((8, 8), value, dtype=np.uint8))
+    with pytest.raises(DatasetError, match=r"no annotation of .* \(training\) has a labelled pixel: " + match):
+        SegmentationFolder(tmp_path, 'training', reduce_zero_label=reduce_zero_label)
+
+
+def test_the_labelled_pixel_check_reads_annotations_only_until_one_has_a_label(tmp_path, monkeypatch):
+    _write_pair(tmp_path, 'a', np.zeros((8, 8), dtype=np.uint8))
+    _write_pair(tmp_path, 'b', _random_annotation(8, 8))
+    _write_pair(tmp_path, 'c', _random_annotation(8, 8))
+    (tmp_path / 'annotations' / 'training' / 'c.png').write_bytes(b'not a PNG')
+    read, real = [], ade._read_annotation
+    monkeypatch.setattr(ade, '_read_annotation', lambda path: read.append(path) or real(path))
+    dataset = SegmentationFolder(tmp_path, 'training')
+    assert [path.split('/')[-1] for path in read] == ['a.png', 'b.png']  # not c.png, nor the rest of ADE20K
+    assert len(dataset) == 3 and dataset[0] is None and dataset[1] is not None and dataset[2] is None
+    (tmp_path / 'annotations' / 'training' / 'b.png').write_bytes(b'not a PNG')
+    with pytest.raises(DatasetError, match=r"of 3 annotation\(s\), 2 cannot be read"):
+        SegmentationFolder(tmp_path, 'training')
+    assert SegmentationFolder(tmp_path, 'training', reduce_zero_label=False, classes=['other'])[0] is not None
 
 
 def test_collate_stacks_equal_shapes_and_lists_different_ones(ade_root):

@@ -1,5 +1,5 @@
 """The package's shape: imports run one way (cli -> training / tools -> tasks -> models / data ->
-layers, checkpoint, runtime), tools build models only through the one loader, tasks keep no
+layers, checkpoint, runtime -> errors), tools build models only through the one loader, tasks keep no
 state, and the attention switches leave a model as they found it."""
 import ast
 from pathlib import Path
@@ -18,11 +18,12 @@ ROOT = PACKAGE.name
 
 # rank of each part of the package: a module may import its own part and parts of a lower rank
 RANKS = {
-    'layers': 0, 'checkpoint': 0, 'runtime': 0,
-    'models': 1, 'data': 1,
-    'tasks': 2,
-    'training': 3, 'tools': 3,
-    'cli': 4,
+    'errors': 0,
+    'layers': 1, 'checkpoint': 1, 'runtime': 1,
+    'models': 2, 'data': 2,
+    'tasks': 3,
+    'training': 4, 'tools': 4,
+    'cli': 5,
 }
 
 

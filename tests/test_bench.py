@@ -192,7 +192,7 @@ def test_train_mode_updates_parameters_in_train_mode():
     (['--models', 'dat_tinny'], "unknown model 'dat_tinny'"),
     (['--ratio-to', 'convnext_tiny', '--references', 'none'], "ratio reference 'convnext_tiny' is not among"),
     (['--device', 'tpu'], "unknown device 'tpu'"),
-    (['--repeats', '0'], 'repeats must be >= 1'),
+    (['--repeats', '0'], 'argument --repeats: expected a positive integer, got 0'),
     (['--table8', '--compile'], '--table8 measures memory, at one --precision, without --compile'),
 ])
 def test_cli_bad_input_exits_with_a_clear_message(argv, message):

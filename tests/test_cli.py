@@ -32,13 +32,13 @@ def test_count_prints_paper_numbers(capsys):
 
 def test_convert_reports_errors_without_traceback(tmp_path):
     src = tmp_path / 'missing.pth'
-    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(tmp_path / 'o.st')],
+    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(tmp_path / 'o.safetensors')],
                             capture_output=True, text=True)
     assert result.returncode != 0 and 'no checkpoint file' in result.stderr and 'Traceback' not in result.stderr
     torch.save({'model': {'foo.weight': torch.zeros(2)}}, src)
-    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(tmp_path / 'o.st')],
+    result = subprocess.run([sys.executable, '-m', 'deformvit', 'convert', str(src), str(tmp_path / 'o.safetensors')],
                             capture_output=True, text=True)
-    assert 'not a DAT state dict' in result.stderr and not (tmp_path / 'o.st').exists()
+    assert 'not a DAT state dict' in result.stderr and not (tmp_path / 'o.safetensors').exists()
 
 
 def test_unknown_command_exits_with_usage():

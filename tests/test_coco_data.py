@@ -133,6 +133,17 @@ def test_layout_lists_what_it_looked_for_when_a_split_is_missing(tmp_path):
         coco_layout(tmp_path)
 
 
+def test_evaluation_needs_only_the_val_split(tmp_path):
+    _write(tmp_path, _coco_dict(), split='val')
+    val = (str(tmp_path / 'val'), str(tmp_path / 'annotations' / 'instances_val.json'))
+    assert coco_layout(tmp_path, splits=('val',)) == {'val': val}
+    with pytest.raises(DatasetError, match=r'lacks the split\(s\) train \(looked for train2017/'):
+        coco_layout(tmp_path)  # training needs both
+    with pytest.raises(ValueError, match=r"splits \('validation',\) are not COCO splits; expected one or more of "
+                                         r"'train', 'val'"):
+        coco_layout(tmp_path, splits=('validation',))
+
+
 # ---- targets -------------------------------------------------------------------------------------
 
 def test_categories_sorted_by_id_give_contiguous_labels_after_background(coco_files):
@@ -344,6 +355,18 @@ def test_malformed_records_are_an_error_listing_them(tmp_path):
     message = _error_for(tmp_path, edit)
     assert "2 malformed record(s)" in message
     assert "image #2 lacks 'file_name'" in message and 'annotation 10 has bbox [1, 2]' in message
+
+
+def test_nan_and_infinite_box_coordinates_are_malformed_records_named_by_annotation(tmp_path):
+    def edit(data):
+        data['annotations'][0]['bbox'] = [math.nan, 6, 20, 20]
+        data['annotations'][1]['bbox'] = [30, 20, math.inf, 20]
+        data['annotations'][3]['bbox'] = [10, -math.inf, 30, 30]
+    message = _error_for(tmp_path, edit)  # json writes NaN / Infinity, which Python's reader takes back
+    assert '3 malformed record(s)' in message
+    assert ('annotation 10 has bbox [nan, 6, 20, 20], annotation 11 has bbox [30, 20, inf, 20], '
+            'annotation 20 has bbox [10, -inf, 30, 30]') in message
+    assert 'four finite numbers (no NaN or Infinity)' in message
 
 
 def test_rle_sized_for_another_image_is_an_error(tmp_path):

@@ -1,4 +1,4 @@
-"""Datasets: the image-folder reader, corrupt-file skipping and the embedded MNIST digits."""
+"""Datasets: the image-folder reader, corrupt-file skipping, image reading and the embedded MNIST digits."""
 import io
 from pathlib import Path
 
@@ -9,7 +9,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from deformvit.data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt
+from deformvit.data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, iter_images
+from deformvit.data.images import read_image
 
 TO_TENSOR_32 = v2.Compose([v2.ToImage(), v2.Resize((32, 32)), v2.ToDtype(torch.float32, scale=True)])
 
@@ -100,6 +101,28 @@ def test_loader_skips_and_counts_the_three_corrupt_files_and_delivers_every_good
             targets += batch_targets.tolist()
     assert skipped == 3
     assert n_images == 5 and sorted(targets) == [0, 1, 1, 2, 2]
+
+
+def test_unreadable_images_come_back_with_their_reason_and_a_bomb_is_one_of_them(tree_with_corrupt_files, bomb_png):
+    bomb = bomb_png(tree_with_corrupt_files / 'dog' / 'bomb.png')
+    read = {Path(path).name: (image, reason) for path, image, reason in iter_images([str(tree_with_corrupt_files)])}
+    assert read['bomb.png'][0] is None
+    assert read['bomb.png'][1].startswith('too large to decode (Image size (3600000000 pixels) exceeds limit')
+    assert read['text.png'][0] is None and read['text.png'][1].startswith('not a readable image (cannot identify')
+    assert read['truncated.jpg'][1].startswith('not a readable image (image file is truncated')
+    assert all(image.mode == 'RGB' and reason is None for name, (image, reason) in read.items()
+               if name not in ('bomb.png', 'text.png', 'truncated.jpg', 'empty.jpg'))
+    with pytest.raises(ValueError) as error:  # the reader of demo and visualize: one line, not PIL's exception
+        read_image(str(bomb))
+    assert type(error.value) is ValueError and '\n' not in str(error.value)
+    assert str(error.value).startswith(f'{bomb} is too large to decode (Image size (3600000000 pixels)')
+    assert 'downscale it' in str(error.value)
+
+
+def test_a_file_named_twice_or_by_its_folder_is_listed_once(image_tree):
+    cat = str(image_tree / 'cat' / 'c.jpeg')
+    again = str(image_tree / 'cat' / '.' / 'c.jpeg')
+    assert [path for path, _, _ in iter_images([str(image_tree / 'cat'), cat, again])] == [cat]
 
 
 def test_collate_of_an_all_corrupt_batch_returns_none_and_the_count():

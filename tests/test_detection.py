@@ -7,9 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
+from deformvit.checkpoint import metadata_for, save_safetensors
 from deformvit.cli import main
+from deformvit.runtime import DistributedContext
 from deformvit.tasks import build_detector, load_model
+from deformvit.tasks.dense import output_names
+from deformvit.tasks.detection.task import evaluate_detector, predict
 from deformvit.tools.complexity import count_parameters, framework_macs
 from deformvit.data.scenes import write_digit_scenes
 
@@ -118,11 +123,14 @@ def test_detect_train_eval_predict_on_coco_layout(scenes, tmp_path, capsys):
 
     images = Path(scenes['coco']) / 'val'
     (tmp_path / 'broken.png').write_bytes(b'not an image')
-    main(['detect', 'predict', str(out / 'last.safetensors'), str(images / '000001.png'), str(tmp_path / 'broken.png'),
+    main(['detect', 'predict', str(out / 'last.safetensors'), str(images), str(tmp_path / 'broken.png'),
           '--output', str(tmp_path / 'pred'), '--score-threshold', '0.0'])
     record = json.loads((tmp_path / 'pred' / 'detections.json').read_text())
-    assert (tmp_path / 'pred' / '000001.png').exists()
-    assert record['unreadable'] == [str(tmp_path / 'broken.png')]
+    relative = images.relative_to(tmp_path.parent)  # several inputs: paths below the folder holding both
+    assert record['images'][0]['outputs'] == [str(relative / '000001.png')]
+    assert (tmp_path / 'pred' / relative / '000001.png').exists()
+    assert [entry['file'] for entry in record['skipped']] == [str(tmp_path / 'broken.png')]
+    assert record['skipped'][0]['reason'].startswith('not a readable image')
     assert all(set(d) == {'label', 'score', 'box_xyxy'} for d in record['images'][0]['detections'])
 
 
@@ -146,7 +154,7 @@ def test_bad_coco_data_fails_with_a_message(scenes, tmp_path):
     result = run_cli('detect', 'train', '--data', str(root), '--output', str(tmp_path / 'run'), *FAST, check=False)
     assert result.returncode == 1 and 'Traceback' not in result.stderr and 'not in' in result.stderr
     result = run_cli('detect', 'train', '--recipe', 'digits', check=False)
-    assert result.returncode == 1 and 'deformvit detect train` takes detect recipes' in result.stderr
+    assert result.returncode == 2 and 'deformvit detect train` takes detect recipes' in result.stderr
 
 
 def test_a_classification_checkpoint_is_not_a_detector(tmp_path):
@@ -157,3 +165,107 @@ def test_a_classification_checkpoint_is_not_a_detector(tmp_path):
     result = run_cli('detect', 'predict', str(path), str(tmp_path), check=False)
     assert result.returncode == 1
     assert 'is a classification checkpoint (dat_nano); expected a detection one' in result.stderr
+
+
+# ---- eval on the val split alone, predict that keeps the user's files ----------------------------
+
+CLASSES = ['a', 'b', 'c']
+
+
+def _detector(folder: Path) -> Path:
+    """A small Faster R-CNN (input 64x64, every box kept) saved as a training run's checkpoint."""
+    model = build_detector('faster_rcnn', 'dat_nano', len(CLASSES), min_size=64, max_size=64, fpn_channels=16,
+                           representation_size=32, box_score_thresh=0.0)
+    path = folder / 'detector.safetensors'
+    kwargs = {k: v for k, v in model.config.items() if k != 'detector'}
+    save_safetensors(model.state_dict(), str(path), metadata_for('faster_rcnn', kwargs, CLASSES, 0, task='detect'))
+    return path
+
+
+def _photo(path: Path, size=(40, 30)) -> Path:
+    """A plain orange image in PNG, whatever the extension of ``path`` (Pillow reads files by their content)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', size, (200, 120, 40)).save(path, format='PNG')
+    return path
+
+
+@pytest.mark.parametrize('split', ['val2017', 'val'])
+def test_eval_needs_only_the_val_split(tmp_path, split):
+    for image_id in (1, 2):
+        _photo(tmp_path / split / f'{image_id}.png', size=(64, 48))
+    (tmp_path / 'annotations').mkdir()
+    (tmp_path / 'annotations' / f'instances_{split}.json').write_text(json.dumps(dict(
+        images=[dict(id=i, file_name=f'{i}.png', width=64, height=48) for i in (1, 2)],
+        annotations=[dict(id=i, image_id=i, category_id=i, bbox=[8, 8, 20, 16]) for i in (1, 2)],
+        categories=[dict(id=i + 1, name=name) for i, name in enumerate(CLASSES)])))
+    evaluation, images = evaluate_detector(load_model(str(_detector(tmp_path))), str(tmp_path), DistributedContext(),
+                                           workers=0)
+    assert images == str(tmp_path / split) and evaluation.images == 2 and 'box_ap' in evaluation.metrics
+
+
+def test_output_names_mirror_the_inputs_and_keep_the_extension_where_names_would_meet(tmp_path):
+    photos = tmp_path / 'photos'
+    names = ('a/x.jpg', 'b/x.jpg', 'x.jpg', 'x.png', 'y.jpeg', 'x', 'x_overlay')
+    files = [str(_photo(photos / name)) for name in names]
+    assert output_names(files[:5], [str(photos)], ['.png']) == [
+        ['a/x.png'], ['b/x.png'], ['x.jpg.png'], ['x.png.png'], ['y.png']]
+    assert output_names(files[:2], files[:2], ['.png']) == [['a/x.png'], ['b/x.png']]  # their common folder
+    assert output_names(files[:2], [str(photos / 'a'), str(photos / 'b')], ['.png']) == [['a/x.png'], ['b/x.png']]
+    assert output_names(files[4:5], files[4:5], ['.png']) == [['y.png']]  # a single file: its name
+    assert output_names(files[:1], [str(photos / 'a')], ['.png']) == [['x.png']]
+    # files given without an extension can meet even so: the later one takes a number
+    assert output_names(files[5:], files[5:], ['.png', '_overlay.png']) == [
+        ['x.png', 'x_overlay.png'], ['x_overlay~2.png', 'x_overlay~2_overlay.png']]
+
+
+def test_predict_mirrors_the_folders_and_keeps_every_result(tmp_path):
+    photos = tmp_path / 'photos'
+    for name in ('a/x.jpg', 'b/x.jpg', 'x.jpg', 'x.png'):
+        _photo(photos / name)
+    result = predict(load_model(str(_detector(tmp_path))), [str(photos)], str(tmp_path / 'out'), score_threshold=0.0)
+    record = json.loads((tmp_path / 'out' / 'detections.json').read_text())
+    assert [(r['file'], r['outputs']) for r in record['images']] == [
+        (str(photos / 'a/x.jpg'), ['a/x.png']), (str(photos / 'b/x.jpg'), ['b/x.png']),
+        (str(photos / 'x.jpg'), ['x.jpg.png']), (str(photos / 'x.png'), ['x.png.png'])]
+    written = sorted(str(path.relative_to(tmp_path / 'out')) for path in (tmp_path / 'out').rglob('*.png'))
+    assert written == ['a/x.png', 'b/x.png', 'x.jpg.png', 'x.png.png']
+    assert result['images'] == record['images'] and record['skipped'] == [] == result['skipped']
+
+
+def test_predict_refuses_an_output_among_the_inputs_or_a_bad_threshold_before_creating_anything(tmp_path):
+    loaded = load_model(str(_detector(tmp_path)))
+    photos = tmp_path / 'photos'
+    photo = _photo(photos / 'x.png')
+    _photo(tmp_path / 'other' / 'y.png')
+    for inputs, output, match in (
+            ([photos], photos, 'is the input folder'),
+            ([photos], photos / 'results', 'is inside the input folder'),
+            ([photo], photos, 'holds the input'),
+            ([photo, tmp_path / 'other' / 'y.png'], tmp_path, r'would replace the input image\(s\) .*photos/x.png')):
+        with pytest.raises(ValueError, match=match):
+            predict(loaded, [str(item) for item in inputs], str(output))
+    for threshold in (-0.1, 1.5, float('nan')):
+        with pytest.raises(ValueError, match=rf'score_threshold {threshold} is outside \[0, 1\]'):
+            predict(loaded, [str(photos)], str(tmp_path / 'out'), score_threshold=threshold)
+    assert sorted(path.name for path in tmp_path.rglob('*')) == ['detector.safetensors', 'other', 'photos', 'x.png',
+                                                                 'y.png']
+
+
+def test_predict_skips_unreadable_bomb_and_too_thin_images_with_their_reason(tmp_path, bomb_png):
+    photos = tmp_path / 'photos'
+    _photo(photos / 'good.png')
+    _photo(photos / 'thin.png', size=(2000, 3))  # resized to 64x0: interpolate used to raise and end the folder
+    bomb_png(photos / 'bomb.png')
+    (photos / 'broken.jpg').write_bytes(b'not a JPEG')
+    result = predict(load_model(str(_detector(tmp_path))), [str(photos)], str(tmp_path / 'out'))
+    record = json.loads((tmp_path / 'out' / 'detections.json').read_text())
+    assert [r['file'] for r in record['images']] == [str(photos / 'good.png')]
+    reasons = {Path(entry['file']).name: entry['reason'] for entry in record['skipped']}
+    assert reasons['bomb.png'].startswith('too large to decode (Image size (3600000000 pixels) exceeds limit')
+    assert reasons['broken.jpg'].startswith('not a readable image')
+    assert reasons['thin.png'] == ("too thin to detect in: 2000x3 pixels (width x height) become 64x0 at the "
+                                   "detector's input size (shorter side 64, longer side at most 64); expected a "
+                                   "longer side at most 64 times the shorter one")
+    assert sorted(entry['file'] for entry in result['skipped']) == sorted(
+        str(photos / name) for name in ('bomb.png', 'broken.jpg', 'thin.png'))
+    assert sorted(path.name for path in (tmp_path / 'out').iterdir()) == ['detections.json', 'good.png']

@@ -234,7 +234,7 @@ def test_a_failed_check_exits_nonzero_and_writes_nothing(tmp_path):
     (['dat_nano', '--output', 'dat_nano.pt2'], 'onnx files are written as .onnx'),
     (['dat_nano', '--size', '16'], 'size 16x16 is smaller than the 32x32 minimum'),
     (['eapt_nano', '--size', '64', '24'], 'size 64x24 is smaller than the 32x32 minimum'),
-    (['dat_nano', '--batch', '0'], 'batch must be at least 1'),
+    (['dat_nano', '--batch', '0'], 'argument --batch: expected a positive integer, got 0'),
     (['dat_nano', '--checkpoint', 'nowhere.safetensors'], 'no checkpoint file at nowhere.safetensors'),
 ])
 def test_cli_errors_name_the_problem(tmp_path, monkeypatch, argv, message):

@@ -140,7 +140,7 @@ def test_table8_memory_ratios_to_dat_t_are_the_papers(tmp_path):
     (['--paper', '--table', 'Table 42'], 'not a covered table'),
     (['no_such_model'], "unknown model 'no_such_model'"),
     (['dat_nano', '--size', '64', '64', '64'], 'one or two positive integers'),
-    (['dat_nano', '--depth', '0'], 'depth must be at least 1'),
+    (['dat_nano', '--depth', '0'], 'argument --depth: expected a positive integer, got 0'),
 ])
 def test_bad_requests_say_what_was_expected(argv, message):
     with pytest.raises(SystemExit, match=re.escape(message)):

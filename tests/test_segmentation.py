@@ -10,9 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
+from deformvit.checkpoint import metadata_for, save_safetensors
 from deformvit.cli import main
+from deformvit.runtime import DistributedContext
 from deformvit.tasks import build_segmentor, load_model
 from deformvit.tasks.segmentation.inference import segment_logits
+from deformvit.tasks.segmentation.task import SegmentationTask, evaluate_segmentor, predict
 from deformvit.tools.complexity import count_parameters
 from deformvit.data.scenes import write_digit_scenes
 
@@ -142,3 +145,96 @@ def test_any_timm_pyramid_serves_as_backbone_by_its_strides():
     assert model.eval()(torch.randn(1, 3, 64, 96)).shape == (1, 3, 64, 96)
     with pytest.raises(ValueError, match='none at'):
         build_segmentor('semantic_fpn', 'vit_tiny_patch16_224', num_classes=3)
+
+
+# ---- crops without labels, eval on the validation split alone, predict ---------------------------
+
+CLASSES = ['a', 'b', 'c']
+
+
+def _segmentor(folder: Path) -> Path:
+    """A small Semantic FPN saved as a training run's checkpoint."""
+    model = build_segmentor('semantic_fpn', 'dat_nano', len(CLASSES), channels=16, fpn_channels=16)
+    path = folder / 'segmentor.safetensors'
+    kwargs = {k: v for k, v in model.config.items() if k != 'decoder'}
+    save_safetensors(model.state_dict(), str(path), metadata_for('semantic_fpn', kwargs, CLASSES, 0, task='segment'))
+    return path
+
+
+def test_a_batch_of_crops_without_labelled_pixels_gives_zero_loss_and_zero_gradients_not_nan():
+    model = build_segmentor('upernet', 'dat_nano', len(CLASSES), channels=16, fpn_channels=16)  # with its aux head
+    step = SegmentationTask().training_step(dict(aux_weight=0.4), CLASSES)
+    images, labels = torch.randn(2, 3, 32, 32), torch.randint(0, len(CLASSES), (2, 32, 32))
+    labels[1] = 255
+    torch.manual_seed(1)
+    loss, crops = step(model, images, labels, torch.device('cpu'))
+    torch.manual_seed(1)  # the same dropout: the loss is the mean over the labelled pixels, as before
+    out = model(images)
+    expected = sum(weight * torch.nn.functional.cross_entropy(out[key], labels, ignore_index=255)
+                   for key, weight in (('out', 1.0), ('aux', 0.4)))
+    assert crops == 1 and torch.allclose(loss, expected)
+    loss.backward()
+    trained = {name for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    loss, crops = step(model, images, torch.full_like(labels, 255), torch.device('cpu'))
+    assert crops == 0 and loss.item() == 0.0  # F.cross_entropy averages over no pixel: NaN
+    loss.backward()  # every process of a DDP run still reduces the same gradients, all zero here
+    assert {name for name, p in model.named_parameters() if p.grad is not None} == trained
+    assert all(not p.grad.any() for p in model.parameters() if p.grad is not None)
+
+
+def _ade_validation(root: Path, n: int = 2) -> Path:
+    """``root`` in the ADE20K layout with only a validation split of ``n`` 32x32 pairs, classes a, b, c."""
+    for split in ('images', 'annotations'):
+        (root / split / 'validation').mkdir(parents=True)
+    for index in range(n):
+        annotation = np.random.default_rng(index).integers(0, len(CLASSES) + 1, (32, 32)).astype(np.uint8)
+        Image.fromarray(annotation * 60).convert('RGB').save(root / 'images' / 'validation' / f'{index}.jpg')
+        Image.fromarray(annotation).save(root / 'annotations' / 'validation' / f'{index}.png')
+    (root / 'classes.txt').write_text('\n'.join(CLASSES))
+    return root
+
+
+def test_segment_eval_needs_only_the_validation_split(tmp_path):
+    root = _ade_validation(tmp_path / 'ade')
+    evaluation, evaluated = evaluate_segmentor(load_model(str(_segmentor(tmp_path))), str(root), DistributedContext(),
+                                               scale=(32, 32), workers=0)
+    assert evaluated == str(root) and evaluation.images == 2 and 0 <= evaluation.metrics['miou'] <= 100
+
+
+@pytest.mark.parametrize('settings, match', [
+    (dict(scale=(0, 0)), r'scale \(0, 0\) is not two positive whole numbers of pixels; expected the \(long, short\)'),
+    (dict(scale=(2048, -1)), r'scale \(2048, -1\) is not two positive'),
+    (dict(mode='tiles'), r"mode must be 'whole' or 'slide', got 'tiles'"),
+    (dict(mode='slide', crop=(0, 512)), r'crop \(0, 512\) is not two positive whole numbers of pixels; expected '
+                                        r'the \(height, width\) of the sliding window'),
+    (dict(mode='slide', stride=(341, 0)), r'stride \(341, 0\) is not two positive whole numbers'),
+])
+def test_segment_eval_and_predict_refuse_non_positive_sizes_before_reading_anything(tmp_path, settings, match):
+    loaded = load_model(str(_segmentor(tmp_path)))
+    with pytest.raises(ValueError, match=match):  # checked before the missing data is noticed
+        evaluate_segmentor(loaded, str(tmp_path / 'no-data'), DistributedContext(), workers=0, **settings)
+    if 'crop' not in settings and 'stride' not in settings:
+        with pytest.raises(ValueError, match=match):
+            predict(loaded, [str(tmp_path / 'no-photos')], str(tmp_path / 'out'), **settings)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_segment_predict_names_outputs_apart_and_skips_only_what_it_cannot_read(tmp_path):
+    photos = tmp_path / 'photos'
+    photos.mkdir()
+    for name, size in (('x.png', (40, 30)), ('x_overlay.jpg', (40, 30)), ('thin.png', (2000, 3))):
+        Image.new('RGB', size, (200, 120, 40)).save(photos / name)
+    (photos / 'broken.png').write_bytes(b'not a PNG')
+    result = predict(load_model(str(_segmentor(tmp_path))), [str(photos)], str(tmp_path / 'out'), scale=(64, 32))
+    record = json.loads((tmp_path / 'out' / 'classes.json').read_text())
+    # x.png's overlay and x_overlay.jpg's label map would both be x_overlay.png: both keep their extension
+    assert {Path(r['file']).name: r['outputs'] for r in record['images']} == {
+        'thin.png': ['thin.png', 'thin_overlay.png'], 'x.png': ['x.png.png', 'x.png_overlay.png'],
+        'x_overlay.jpg': ['x_overlay.jpg.png', 'x_overlay.jpg_overlay.png']}
+    assert np.asarray(Image.open(tmp_path / 'out' / 'thin.png')).shape == (3, 2000)  # thin, yet segmented
+    assert [(Path(entry['file']).name, entry['reason'][:20]) for entry in record['skipped']] == [
+        ('broken.png', 'not a readable image')]
+    assert [entry['file'] for entry in result['skipped']] == [str(photos / 'broken.png')]
+    assert len(list((tmp_path / 'out').iterdir())) == 7

@@ -132,6 +132,10 @@ def test_existing_run_is_never_overwritten(tmp_path):
     main(['train', '--data', str(data), '--output', str(out), '--epochs', '1', '--batch-size', '8', *FAST])
     result = run_cli('train', '--data', str(data), '--output', str(out), '--epochs', '1', *FAST, check=False)
     assert result.returncode == 1 and '--resume' in result.stderr
+    # resuming continues the run's own config: without --epochs, its 1 epoch, which is done
+    with pytest.raises(SystemExit, match=f'the run in {out} has trained 1 of 1 epochs; pass a larger') as exit_info:
+        main(['train', '--data', str(data), '--output', str(out), '--resume', *FAST])
+    assert exit_info.value.code == 2
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, monkeypatch, capsys):

@@ -13,15 +13,19 @@ import os
 import pickle
 import tempfile
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from .errors import UsageError
+
 __all__ = [
-    'CheckpointRecord', 'UnsafeCheckpointError', 'checkpoint_record', 'load_state_dict_file', 'metadata_for',
-    'read_safetensors_metadata', 'save_safetensors', 'save_torch', 'unwrap_state_dict', 'write_atomically',
+    'CheckpointRecord', 'UnsafeCheckpointError', 'check_output_file', 'check_output_folder', 'checkpoint_record',
+    'load_state_dict_file', 'metadata_for',
+    'read_safetensors_metadata', 'save_safetensors', 'save_torch', 'tensor_shapes', 'unwrap_state_dict',
+    'write_atomically',
 ]
 
 
@@ -81,6 +85,29 @@ def read_safetensors_metadata(path: str) -> Dict[str, str]:
             return f.metadata() or {}
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f'{path} is not a readable safetensors file: {err}') from err
+
+
+def tensor_shapes(path: str, weights_only: bool = True) -> Dict[str, Tuple[int, ...]]:
+    """The shape of every tensor of a weights file (of its state dict, for a wrapped one), read without
+    loading the tensors where the format allows: a safetensors header, or a ``torch.save`` zip file
+    memory-mapped.
+
+    Raises:
+        FileNotFoundError, UnsafeCheckpointError, ValueError: as :func:`load_state_dict_file`.
+    """
+    path = os.fspath(path)
+    if path.endswith('.safetensors') and os.path.isfile(path):
+        try:
+            with safe_open(path, 'pt') as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f'{path} is not a readable safetensors file: {err}') from err
+    try:
+        checkpoint = torch.load(path, map_location='cpu', weights_only=weights_only, mmap=True)
+    except Exception:  # not a zip file (or not readable): the full reader reports what is wrong
+        checkpoint = load_state_dict_file(path, weights_only)
+    state_dict = unwrap_state_dict(checkpoint) if isinstance(checkpoint, dict) else {}
+    return {k: tuple(v.shape) for k, v in state_dict.items() if torch.is_tensor(v)}
 
 
 @dataclass
@@ -144,6 +171,57 @@ def _unsafe_globals(path: str) -> list:
         return torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # not a zip checkpoint at all
         return []
+
+
+def _writable_ancestor(path: str) -> str:
+    """The nearest existing folder at or above ``path``, checked to be a writable folder."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f'cannot create {path}: {existing} is a file, not a folder')
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f'cannot write {path}: {existing} is not writable; choose another output')
+    return existing
+
+
+def check_output_folder(path: str, what: str = 'output folder') -> str:
+    """Check, before any work and without creating anything, that ``path`` can be the folder of the outputs:
+    an existing folder or a new one in a writable place, not a file.
+
+    Raises:
+        UsageError: ``path`` is a file, is under a file, or cannot be written.
+    """
+    path = os.fspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UsageError(f'the {what} {path} is a file; expected a folder (new or existing)')
+    _writable_ancestor(path)
+    return path
+
+
+def check_output_file(path: str, suffixes: Sequence[str] = (), what: str = 'output', inputs: Sequence[str] = ()) -> str:
+    """Check, before any work, that ``path`` can be written as a file: a name ending in one of ``suffixes``
+    (any, when empty) in an existing writable folder, neither a folder nor one of ``inputs``.
+
+    An existing file of that name is replaced (atomically, once the new one is complete), as naming it asks.
+
+    Raises:
+        UsageError: any of the above does not hold.
+    """
+    path = os.fspath(path)
+    if suffixes and not path.endswith(tuple(suffixes)):
+        raise UsageError(f'{what} files are written as {" or ".join(suffixes)}; got {path}')
+    if os.path.isdir(path):
+        raise UsageError(f'{path} is a folder; expected a file name such as '
+                         f'{os.path.join(path, "name" + (suffixes[0] if suffixes else ""))}')
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UsageError(f'the output folder {folder} does not exist; create it first')
+    _writable_ancestor(folder)
+    for source in inputs:
+        if os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path):
+            raise UsageError(f'{path} is also the input; writing it would replace the input: choose another name')
+    return path
 
 
 def _new_file_mode() -> int:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch.amp.autocast_mode import is_autocast_available
 
+from .errors import UsageError
+
 __all__ = [
     'PRECISIONS', 'DistributedContext', 'autocast_context', 'autocast_dtype', 'init_distributed', 'resolve_device',
     'resolve_precision',
@@ -31,22 +33,23 @@ def resolve_device(device: Optional[Union[str, torch.device]] = None) -> torch.d
     ``cuda[:N]`` compute; ``meta`` holds shapes only (the memory tracker of the tools uses it).
 
     Raises:
-        ValueError: an unknown device, CUDA without a visible GPU, or a GPU index that does not exist.
+        UsageError: (a ``ValueError``) an unknown device, CUDA without a visible GPU, or a GPU index that
+            does not exist.
     """
     if device is None or device == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f'unknown device {device!r}: expected cpu, cuda, cuda:N or meta') from err
+        raise UsageError(f'unknown device {device!r}: expected cpu, cuda, cuda:N or meta') from err
     if device.type not in ('cpu', 'cuda', 'meta'):
-        raise ValueError(f'device {device.type!r} is not supported: expected cpu, cuda, cuda:N or meta')
+        raise UsageError(f'device {device.type!r} is not supported: expected cpu, cuda, cuda:N or meta')
     if device.type == 'cuda':
         if not torch.cuda.is_available():
-            raise ValueError('device cuda was asked for but no GPU is visible (torch.cuda.is_available() is False); '
+            raise UsageError('device cuda was asked for but no GPU is visible (torch.cuda.is_available() is False); '
                              'use --device cpu, or --device meta to measure memory without a GPU')
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f'device {device} does not exist: {torch.cuda.device_count()} GPU(s) visible')
+            raise UsageError(f'device {device} does not exist: {torch.cuda.device_count()} GPU(s) visible')
     return device
 
 
@@ -65,19 +68,19 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     (compute capability 8.0 or newer).
 
     Raises:
-        ValueError: an unknown precision, or one the device cannot run.
+        UsageError: (a ``ValueError``) an unknown precision, or one the device cannot run.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f'unknown precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
+        raise UsageError(f'unknown precision {precision!r}: expected one of {", ".join(PRECISIONS)}')
     dtype = PRECISIONS[precision]
     if dtype is None:
         return None
     if not is_autocast_available(device.type):
-        raise ValueError(f'{precision} runs under torch.autocast, which is not available on device {device.type}; '
+        raise UsageError(f'{precision} runs under torch.autocast, which is not available on device {device.type}; '
                          'use fp32' + (' (meta tracks fp32 memory only)' if device.type == 'meta' else ''))
     if (device.type == 'cuda' and dtype is torch.bfloat16
             and not torch.cuda.is_bf16_supported(including_emulation=False)):
-        raise ValueError(f'bf16 is not supported by {torch.cuda.get_device_name(device)} '
+        raise UsageError(f'bf16 is not supported by {torch.cuda.get_device_name(device)} '
                          '(bfloat16 needs compute capability 8.0 or newer); use fp16 or fp32')
     return dtype
 
@@ -126,7 +129,7 @@ def init_distributed(device: Optional[str] = 'auto') -> DistributedContext:
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     dev = resolve_device(device)
     if dev.type == 'meta':
-        raise ValueError('device meta holds no data; training and evaluation need cpu or cuda')
+        raise UsageError('device meta holds no data; training and evaluation need cpu or cuda')
     if dev.type == 'cuda':
         if dev.index is None:
             dev = torch.device('cuda', local_rank % max(torch.cuda.device_count(), 1))

@@ -7,6 +7,7 @@ import torch.nn as nn
 
 from ..runtime import PRECISIONS
 from ..tools import bench
+from .common import non_negative_int, positive_int
 
 __all__ = ['DESCRIPTION', 'add_arguments', 'run']
 
@@ -28,11 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--compile', action='store_true', help='torch.compile the models (compile time reported apart)')
     parser.add_argument('--mode', choices=('infer', 'train', 'both'), default='infer',
                         help='infer: forward pass; train: forward, backward and AdamW step (default: infer)')
-    parser.add_argument('--batch', type=int, help='images per batch (default: 16; --table8: 64)')
-    parser.add_argument('--size', type=int, default=224, help='input side (default: 224)')
-    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
-    parser.add_argument('--warmup', type=int, default=3, help='untimed rounds (default: 3)')
-    parser.add_argument('--repeats', type=int, default=10, help='timed rounds; medians over them (default: 10)')
+    parser.add_argument('--batch', type=positive_int, help='images per batch (default: 16; --table8: 64)')
+    parser.add_argument('--size', type=positive_int, default=224, help='input side (default: 224)')
+    parser.add_argument('--threads', type=positive_int, help='torch CPU threads (default: torch\'s)')
+    parser.add_argument('--warmup', type=non_negative_int, default=3, help='untimed rounds (default: 3)')
+    parser.add_argument('--repeats', type=positive_int, default=10,
+                        help='timed rounds; medians over them (default: 10)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory pass')
     parser.add_argument('--table8', action='store_true',
                         help='measure the memory column of DAT Table 8 (D-DETR vs DAT attention) instead')

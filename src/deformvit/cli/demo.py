@@ -7,6 +7,7 @@ import torch
 from ..tasks import load_model
 from ..tools import demo
 from ..tools.visualize import load_image
+from .common import non_negative_int
 
 __all__ = ['DESCRIPTION', 'add_arguments', 'run']
 
@@ -29,4 +30,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--image', help='image file (default: a photo shipped with scikit-image)')
     parser.add_argument('--checkpoint', help='official DAT release file, converted .safetensors or a training '
                                              'checkpoint')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the random weights')
+    parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the random weights')

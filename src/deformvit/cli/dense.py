@@ -2,10 +2,12 @@
 import argparse
 from typing import Callable, Dict
 
-from ..runtime import init_distributed
+from ..checkpoint import check_output_folder
+from ..runtime import init_distributed, resolve_device
 from ..tasks import TASK_NAMES, get_task, load_model
 from ..tasks.detection import task as detection
 from ..tasks.segmentation import task as segmentation
+from .common import add_subcommand, non_negative_int, positive_int, probability
 from .train import add_training_arguments
 
 __all__ = ['register']
@@ -27,16 +29,14 @@ def _add_commands(commands, name: str, module, data_help: str, evaluate: Callabl
     returns the eval and predict parsers."""
     task = get_task(name)
     help, train_help, eval_help, predict_help = HELP[name]
-    parser = commands.add_parser(name, help=help, description=module.__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = add_subcommand(commands, name, help, module.__doc__)
     actions = parser.add_subparsers(dest='action', required=True)
-    add_training_arguments(actions.add_parser('train', help=train_help, description=module.__doc__,
-                                              formatter_class=argparse.RawDescriptionHelpFormatter), task)
-    eval_parser = actions.add_parser('eval', help=eval_help)
+    add_training_arguments(add_subcommand(actions, 'train', train_help, module.__doc__), task)
+    eval_parser = add_subcommand(actions, 'eval', eval_help)
     eval_parser.add_argument('checkpoint', help=f'last.safetensors / best.safetensors of a {TASK_NAMES[name]} run')
     eval_parser.add_argument('--data', help=f'{data_help}; default: the embedded digit scenes')
     eval_parser.set_defaults(func=evaluate, prog=f'deformvit {name} eval')
-    predict_parser = actions.add_parser('predict', help=predict_help)
+    predict_parser = add_subcommand(actions, 'predict', predict_help)
     predict_parser.add_argument('checkpoint')
     predict_parser.add_argument('inputs', nargs='+', help='image files or folders')
     predict_parser.add_argument('--output', default=folder, help=f'folder for the {WRITTEN[name]} (default: {folder})')
@@ -45,15 +45,16 @@ def _add_commands(commands, name: str, module, data_help: str, evaluate: Callabl
 
 
 def _add_device_flags(eval_parser: argparse.ArgumentParser, predict_parser: argparse.ArgumentParser) -> None:
-    eval_parser.add_argument('--workers', type=int, default=2)
+    eval_parser.add_argument('--workers', type=non_negative_int, default=2)
     eval_parser.add_argument('--device', default='auto')
     predict_parser.add_argument('--device', default='cpu')
 
 
-def _print_unreadable(result: Dict, output: str, name: str) -> None:
-    if result['unreadable']:
-        print(f"skipped {len(result['unreadable'])} unreadable file(s): {', '.join(result['unreadable'][:5])}")
-    print(f'{WRITTEN[name]} in {output}')
+def _print_skipped(result: Dict, output: str, name: str) -> None:
+    for entry in result['skipped']:
+        print(f"skipped {entry['file']}: {entry['reason']}")
+    skipped = f" ({len(result['skipped'])} image(s) skipped, listed there too)" if result['skipped'] else ''
+    print(f'{WRITTEN[name]} in {output}{skipped}')
 
 
 def detect_eval(args: argparse.Namespace) -> Dict:
@@ -73,13 +74,20 @@ def detect_eval(args: argparse.Namespace) -> Dict:
     return m
 
 
+def _check_predict(args: argparse.Namespace) -> None:
+    """What predict can check before loading the model: the device and the output folder."""
+    resolve_device(args.device)
+    check_output_folder(args.output)
+
+
 def detect_predict(args: argparse.Namespace) -> Dict:
+    _check_predict(args)
     result = detection.predict(load_model(args.checkpoint, task='detect'), args.inputs, args.output,
                                args.score_threshold, args.device)
     for record in result['images']:
         found = ', '.join(f"{d['label']} {d['score']:.2f}" for d in record['detections']) or 'nothing'
         print(f"{record['file']}: {found}")
-    _print_unreadable(result, args.output, 'detect')
+    _print_skipped(result, args.output, 'detect')
     return result
 
 
@@ -99,29 +107,31 @@ def segment_eval(args: argparse.Namespace) -> Dict:
 
 
 def segment_predict(args: argparse.Namespace) -> Dict:
+    _check_predict(args)
     result = segmentation.predict(load_model(args.checkpoint, task='segment'), args.inputs, args.output, args.scale,
                                   args.mode, args.multi_scale, args.device)
     for record in result['images']:
         top = sorted(record['classes'].items(), key=lambda kv: -kv[1])[:5]
         print(f"{record['file']}: " + ', '.join(f'{name} {share:.0%}' for name, share in top))
-    _print_unreadable(result, args.output, 'segment')
+    _print_skipped(result, args.output, 'segment')
     return result
 
 
 def register(commands) -> None:
     eval_parser, predict_parser = _add_commands(commands, 'detect', detection, 'COCO root', detect_eval,
                                                 detect_predict, 'detections')
-    eval_parser.add_argument('--batch-size', type=int, default=2)
-    predict_parser.add_argument('--score-threshold', type=float, default=0.5)
+    eval_parser.add_argument('--batch-size', type=positive_int, default=2)
+    predict_parser.add_argument('--score-threshold', type=probability, default=0.5)
     _add_device_flags(eval_parser, predict_parser)
 
     eval_parser, predict_parser = _add_commands(commands, 'segment', segmentation, 'ADE20K-layout root',
                                                 segment_eval, segment_predict, 'segmentations')
     eval_parser.add_argument('--multi-scale', action='store_true', help='ratios 0.5-1.75 and flips, averaged')
-    eval_parser.add_argument('--crop', type=int, nargs=2, default=[512, 512], help='sliding window size')
-    eval_parser.add_argument('--stride', type=int, nargs=2, default=[341, 341], help='sliding window stride')
+    eval_parser.add_argument('--crop', type=positive_int, nargs=2, default=[512, 512], help='sliding window size')
+    eval_parser.add_argument('--stride', type=positive_int, nargs=2, default=[341, 341], help='sliding window stride')
     predict_parser.add_argument('--multi-scale', action='store_true')
     for parser in (eval_parser, predict_parser):
         parser.add_argument('--mode', choices=['whole', 'slide'], default='whole')
-        parser.add_argument('--scale', type=int, nargs=2, default=[2048, 512], help='test resize (long, short)')
+        parser.add_argument('--scale', type=positive_int, nargs=2, default=[2048, 512],
+                            help='test resize (long, short)')
     _add_device_flags(eval_parser, predict_parser)

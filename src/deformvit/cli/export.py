@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from ..tasks import TaskMismatchError, load_model
 from ..tools import export
+from .common import non_negative_float, non_negative_int, positive_int
 
 __all__ = ['DESCRIPTION', 'add_arguments', 'run']
 
@@ -45,17 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--output', help='output file (default: MODEL.onnx / MODEL.pt2 in the current folder)')
     parser.add_argument('--opset', type=int, default=export.DEFAULT_OPSET,
                         help=f'ONNX opset, at least {export.MIN_OPSET} (default {export.DEFAULT_OPSET})')
-    parser.add_argument('--size', type=int, nargs='+', metavar=('H', 'W'),
+    parser.add_argument('--size', type=positive_int, nargs='+', metavar=('H', 'W'),
                         help="input height [width], fixed in the graph (default: the model's input size)")
-    parser.add_argument('--batch', type=int, default=1,
+    parser.add_argument('--batch', type=positive_int, default=1,
                         help='first batch size checked, and the fixed batch with --static (default 1)')
     parser.add_argument('--static', action='store_true', help='fix the batch axis too')
     parser.add_argument('--no-check', action='store_true', help='write the file without comparing it with PyTorch')
-    parser.add_argument('--tolerance', type=float, default=export.TOLERANCE,
+    parser.add_argument('--tolerance', type=non_negative_float, default=export.TOLERANCE,
                         help=f'largest accepted max |diff| to PyTorch (default {export.TOLERANCE:.0e})')
     parser.add_argument('--model-args', type=_json_object, default={}, metavar='JSON',
                         help='timm.create_model arguments as JSON, e.g. \'{"position_bias": "fixed"}\'')
-    parser.add_argument('--time', type=int, default=0, metavar='RUNS',
+    parser.add_argument('--time', type=non_negative_int, default=0, metavar='RUNS',
                         help='also time PyTorch and the exported file on one image (median of RUNS)')
 
 
@@ -93,8 +94,7 @@ def run(args: argparse.Namespace) -> None:
     for line in _describe(report, name):
         print(line)
     if not report.written:
-        raise SystemExit(f'deformvit export: the check failed ({"; ".join(report.failures)}); '
-                         f'nothing was written to {output}')
+        raise ValueError(f'the check failed ({"; ".join(report.failures)}); nothing was written to {output}')
     size_mb = os.path.getsize(output) / 2 ** 20
     print(f'wrote {output} ({size_mb:.1f} MB)' + ('' if report.checks else ' without checking it (--no-check)'))
     if args.time:

@@ -5,10 +5,12 @@ from typing import List, Optional, Tuple
 
 import torch.nn as nn
 
-from ..checkpoint import write_atomically
+from ..checkpoint import check_output_file, write_atomically
+from ..errors import UsageError
 from ..tasks import create_model
 from ..tools import profile
 from ..tools.complexity import CONVENTIONS
+from .common import positive_int
 
 __all__ = ['DESCRIPTION', 'add_arguments', 'run']
 
@@ -26,8 +28,10 @@ def _size(values: Optional[List[int]], model: nn.Module) -> Tuple[int, int, int]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('models', nargs='*', metavar='MODEL', help='registered model names (ours or any timm model)')
-    parser.add_argument('--size', type=int, nargs='+', metavar='H [W]', help="input size (default: the model's)")
-    parser.add_argument('--depth', type=int, default=1, help='1: stages; 2: blocks; 3: inside blocks (default 1)')
+    parser.add_argument('--size', type=positive_int, nargs='+', metavar='H [W]',
+                        help="input size (default: the model's)")
+    parser.add_argument('--depth', type=positive_int, default=1,
+                        help='1: stages; 2: blocks; 3: inside blocks (default 1)')
     parser.add_argument('--convention', choices=sorted(CONVENTIONS), default='fvcore', help='MAC convention')
     parser.add_argument('--paper', action='store_true',
                         help='measure every paper row deformvit builds and write them as markdown')
@@ -41,18 +45,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.paper:
         if args.models:
-            raise ValueError('--paper measures the papers\' rows; give either --paper or model names')
+            raise UsageError('--paper measures the papers\' rows; give either --paper or model names')
+        output = args.output or (None if args.table else profile.PAPER_TABLES_PATH)
+        if output:
+            check_output_file(output, ('.md',), 'markdown')
         rows = profile.select_rows(args.table)
         results = profile.measure_rows(rows, progress=lambda line: print(line, flush=True))
         text = profile.paper_markdown(results)
         print(text)
-        output = args.output or (None if args.table else profile.PAPER_TABLES_PATH)
         if output:
             write_atomically(output, lambda tmp: pathlib.Path(tmp).write_text(text))
             print(f'wrote {output}')
         return
     if not args.models:
-        raise ValueError('name at least one model (e.g. dat_tiny), or use --paper')
+        raise UsageError('name at least one model (e.g. dat_tiny), or use --paper')
+    if args.output or args.table:
+        raise UsageError('--output and --table go with --paper; without it the profile is printed')
     for name in args.models:
         model = create_model(name)
         input_size = _size(args.size, model)

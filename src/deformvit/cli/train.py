@@ -6,7 +6,8 @@ from ..runtime import init_distributed
 from ..tasks import Task, get_task, load_model
 from ..tasks.classification import evaluate_folder
 from ..training import recipe_names, resolve_config, run
-from .common import add_command
+from ..errors import UsageError
+from .common import add_command, non_negative_int, positive_int
 
 __all__ = ['add_training_arguments', 'register', 'train']
 
@@ -61,7 +62,7 @@ def train(args: argparse.Namespace, task: Optional[Task] = None) -> Dict:
     task = task or get_task('classify')
     config = resolve_config(args, task)
     if args.resume and not config['output']:
-        raise ValueError('--resume needs --output: the run folder to continue')
+        raise UsageError('--resume needs --output: the run folder to continue')
     return run(config, resume=args.resume)
 
 
@@ -92,7 +93,7 @@ def register(commands) -> None:
     parser.add_argument('--data', help='folder of class folders, or a dataset root with val/; default: the '
                                        'held-out embedded digits')
     parser.add_argument('--model', help='architecture, when the file does not record it')
-    parser.add_argument('--img-size', type=int, help='evaluation resolution (default: the model\'s)')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--workers', type=int, default=2)
+    parser.add_argument('--img-size', type=positive_int, help='evaluation resolution (default: the model\'s)')
+    parser.add_argument('--batch-size', type=positive_int, default=64)
+    parser.add_argument('--workers', type=non_negative_int, default=2)
     parser.add_argument('--device', default='auto')

@@ -4,7 +4,7 @@ import argparse
 from ..tasks import create_model
 from ..tools.complexity import count_macs, count_parameters
 from ..tools.convert import convert_checkpoint
-from .common import add_command
+from .common import add_command, positive_int
 
 __all__ = ['register']
 
@@ -33,4 +33,4 @@ def register(commands) -> None:
 
     parser = add_command(commands, 'count', 'parameters and MACs (fvcore convention)', count)
     parser.add_argument('model')
-    parser.add_argument('--size', type=int, help='input side (default: the model\'s input size)')
+    parser.add_argument('--size', type=positive_int, help='input side (default: the model\'s input size)')

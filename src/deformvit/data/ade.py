@@ -15,7 +15,10 @@ with nearest neighbour. Random draws use torch's global RNG, so ``torch.manual_s
 DataLoader's per-worker seeding) make the pipeline reproducible.
 
 As in ``deformvit.data``, a sample whose image or annotation cannot be decoded comes back as
-``None``; ``collate_segmentation`` drops it and counts it.
+``None``; ``collate_segmentation`` drops it and counts it. So does a sample whose annotation has no
+labelled pixel (all 0 with ``reduce_zero_label``, or all ``ignore_index``): its cross entropy would
+average over no pixel and be NaN, and it scores nothing in evaluation. A split none of whose
+annotations has a labelled pixel is refused when the dataset is built.
 """
 import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -28,7 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .common import DatasetError, collate_readable, first_few
+from .common import DatasetError, check_sides, collate_readable, first_few
 from .images import decode_rgb
 
 __all__ = ['ADE20K_CLASSES', 'SPLITS', 'SegmentationFolder', 'SegmentationMetrics', 'collate_segmentation']
@@ -114,6 +117,16 @@ def _files_by_stem(folder: str, extensions: Tuple[str, ...], what: str) -> Dict[
     return files
 
 
+def _read_annotation(path: str) -> Optional[np.ndarray]:
+    """The class indices of the annotation PNG at ``path``, (H, W) for a single-channel file; None
+    when it cannot be decoded."""
+    try:
+        with Image.open(path) as file:
+            return np.array(file)
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return None
+
+
 def _read_classes_file(path: str) -> List[str]:
     """The non-empty lines of ``path``, stripped."""
     with open(path, encoding='utf-8') as file:
@@ -177,7 +190,8 @@ class SegmentationFolder(Dataset):
     Annotations are single-channel PNGs of class indices, at the image's resolution.
 
     ``__getitem__`` returns ``(image, label)``, or ``None`` when the image or the annotation
-    cannot be decoded (use ``collate_segmentation``):
+    cannot be decoded or the annotation has no labelled pixel (use ``collate_segmentation``, which
+    drops and counts them):
 
     * ``train=True``: image float32 (3, crop_h, crop_w), normalised and padded with 0; label int64
       (crop_h, crop_w), ``ignore_index`` in the padding;
@@ -205,10 +219,17 @@ class SegmentationFolder(Dataset):
         mean: per-channel mean for normalisation, on the 0..1 scale.
         std: per-channel standard deviation for normalisation, on the 0..1 scale.
 
+    The constructor decodes annotations in order until one has a labelled pixel (normally the
+    first, so it stays cheap) and refuses the split when none has: reading every annotation up
+    front would take minutes on ADE20K, and the annotations of a usable split with some empty ones
+    are skipped one by one when read.
+
     Raises:
-        ValueError: unknown ``split``, no ``classes``, or an augmentation setting out of range.
+        ValueError: unknown ``split``, no ``classes``, an augmentation setting out of range, or a
+            ``crop_size`` or ``scale`` that is not two positive whole numbers.
         DatasetError: the image or annotation folder is missing or empty, names repeat, no image
-            has an annotation, or ``classes.txt`` is empty. ``__getitem__`` raises it for an
+            has an annotation, no annotation has a labelled pixel (or none can be read), or
+            ``classes.txt`` is empty. ``__getitem__`` raises it for an
             annotation that is not single-channel, has a size other than its image's, or holds
             labels outside the class range.
     """
@@ -242,6 +263,8 @@ class SegmentationFolder(Dataset):
                              f'or 1 to accept the first random crop')
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f'hflip {hflip} is not a probability; expected a value in [0, 1], e.g. 0.5')
+        crop_size = check_sides('crop_size', crop_size, 'the (height, width) of the training crop, e.g. (512, 512)')
+        scale = check_sides('scale', scale, 'the (long, short) sides of the keep-ratio resize, e.g. (2048, 512)')
         if classes is None:
             classes_file = os.path.join(root, 'classes.txt')
             classes = _read_classes_file(classes_file) if os.path.isfile(classes_file) else ADE20K_CLASSES
@@ -266,8 +289,8 @@ class SegmentationFolder(Dataset):
         self.classes = classes
         self.num_classes = len(classes)
         self.train = train
-        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
-        self.scale = (int(scale[0]), int(scale[1]))
+        self.crop_size = crop_size
+        self.scale = scale
         self.ratio_range = (float(ratio_range[0]), float(ratio_range[1]))
         self.cat_max_ratio = cat_max_ratio
         self.hflip = hflip
@@ -279,6 +302,35 @@ class SegmentationFolder(Dataset):
         self.samples: List[Tuple[str, str]] = [(images[stem], annotations[stem]) for stem in paired]
         self.skipped = {'no_annotation': len(images.keys() - annotations.keys()),
                         'no_image': len(annotations.keys() - images.keys())}
+        self._refuse_if_nothing_labelled()
+
+    def _any_labelled(self, annotation: np.ndarray) -> bool:
+        """Whether an annotation array has a pixel that is scored: neither ``ignore_index`` nor, with
+        ``reduce_zero_label``, 0."""
+        ignored = annotation == self.ignore_index
+        if self.reduce_zero_label:
+            ignored |= annotation == 0
+        return not ignored.all()
+
+    def _refuse_if_nothing_labelled(self) -> None:
+        """Raise DatasetError when no annotation has a labelled pixel; stops at the first that has one.
+
+        An annotation that is not single-channel ends the search too: reading it raises its own error.
+        """
+        unreadable = 0
+        for _, annotation_path in self.samples:
+            annotation = _read_annotation(annotation_path)
+            if annotation is None:
+                unreadable += 1
+            elif annotation.ndim != 2 or self._any_labelled(annotation):
+                return
+        ignored, values = ((f'0 or {self.ignore_index}', f'1..{self.num_classes}') if self.reduce_zero_label
+                           else (f'{self.ignore_index}', f'0..{self.num_classes - 1}'))
+        raise DatasetError(
+            f'no annotation of {self.root!r} ({self.split}) has a labelled pixel: of {len(self.samples)} '
+            f'annotation(s), {unreadable} cannot be read and the others are all {ignored} (ignored); expected '
+            f'class values {values} in the annotations; check that they are the label maps, not blank '
+            f'placeholders, and reduce_zero_label')
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -297,10 +349,8 @@ class SegmentationFolder(Dataset):
         rgb = decode_rgb(image_path)
         if rgb is None:
             return None
-        try:
-            with Image.open(annotation_path) as file:
-                annotation = np.array(file)  # (H, W) class indices
-        except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        annotation = _read_annotation(annotation_path)  # (H, W) class indices
+        if annotation is None:
             return None
         image = F.pil_to_tensor(rgb)  # (3, H, W) uint8
         label = self._label_from_annotation(annotation, annotation_path)
@@ -309,6 +359,8 @@ class SegmentationFolder(Dataset):
                 f'masks of the wrong size: annotation {annotation_path!r} is {label.shape[1]}x{label.shape[0]} '
                 f'but its image {image_path!r} is {image.shape[2]}x{image.shape[1]}; expected the '
                 f'annotation at the resolution of its image; regenerate or remove the pair')
+        if not self._any_labelled(annotation):
+            return None
         image = image.float()  # (3, H, W) on the 0..255 scale
         if self.train:
             return self._train_pipeline(image, label)

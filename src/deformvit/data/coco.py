@@ -56,34 +56,41 @@ def _quietly():
     return contextlib.redirect_stdout(io.StringIO())
 
 
-def coco_layout(root: str) -> Dict[str, Tuple[str, str]]:
-    """Find the train and val splits of a COCO-style dataset root.
+def coco_layout(root: str, splits: Sequence[str] = ('train', 'val')) -> Dict[str, Tuple[str, str]]:
+    """Find the ``splits`` of a COCO-style dataset root: both to train, only ``('val',)`` to evaluate.
 
     A split named ``<name>`` exists when ``root/<name>/`` is a folder of images and
     ``root/annotations/instances_<name>.json`` is a file; the names tried are those of
     ``COCO_SPLIT_NAMES``, in order (``train2017`` before ``train``, ``val2017`` before ``val``).
+    Splits not asked for are neither looked for nor required.
 
     Args:
         root: the dataset root.
+        splits: the splits needed, keys of ``COCO_SPLIT_NAMES``.
 
     Returns:
-        ``{'train': (images_dir, annotation_file), 'val': (images_dir, annotation_file)}``.
+        ``{split: (images_dir, annotation_file)}`` for each of ``splits``.
 
     Raises:
+        ValueError: a split that is not a key of ``COCO_SPLIT_NAMES``.
         DatasetError: a split was not found; the message lists every path looked for.
     """
     root = os.fspath(root)
+    unknown = [split for split in splits if split not in COCO_SPLIT_NAMES]
+    if unknown or not splits:
+        raise ValueError(f'splits {tuple(splits)!r} are not COCO splits; expected one or more of '
+                         f'{", ".join(map(repr, COCO_SPLIT_NAMES))}')
     layout = {}
     not_found = []
-    for split, names in COCO_SPLIT_NAMES.items():
-        for name in names:
+    for split in splits:
+        for name in COCO_SPLIT_NAMES[split]:
             images_dir = os.path.join(root, name)
             annotation_file = os.path.join(root, 'annotations', f'instances_{name}.json')
             if os.path.isdir(images_dir) and os.path.isfile(annotation_file):
                 layout[split] = (images_dir, annotation_file)
                 break
         else:
-            tried = ' or '.join(f'{name}/ with annotations/instances_{name}.json' for name in names)
+            tried = ' or '.join(f'{name}/ with annotations/instances_{name}.json' for name in COCO_SPLIT_NAMES[split])
             not_found.append(f'{split} (looked for {tried})')
     if not_found:
         raise DatasetError(
@@ -113,9 +120,11 @@ def _read_annotation_json(path: str) -> Dict[str, Any]:
 
 
 def _is_box(bbox: Any) -> bool:
-    """Whether ``bbox`` is four numbers ``[x, y, width, height]``."""
+    """Whether ``bbox`` is four finite numbers ``[x, y, width, height]``: Python's JSON reader takes
+    ``NaN`` and ``Infinity``, which would pass the clipping and end as a NaN loss."""
     return (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-            and all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in bbox))
+            and all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                    for value in bbox))
 
 
 def _check_records(dataset: Dict[str, Any], path: str) -> None:
@@ -136,7 +145,8 @@ def _check_records(dataset: Dict[str, Any], path: str) -> None:
                 malformed.append(f'image {record["id"]} has size {record["width"]!r}x{record["height"]!r}')
     refuse(malformed, f'malformed record(s) in {path!r}',
            'expected images with id, file_name and positive integer width and height, annotations with id, '
-           'image_id, category_id and bbox [x, y, width, height], categories with id and name; fix or remove them')
+           'image_id, category_id and bbox [x, y, width, height] of four finite numbers (no NaN or Infinity), '
+           'categories with id and name; fix or remove them')
     for key, (kind, _) in _REQUIRED_FIELDS.items():
         counts = Counter(record['id'] for record in dataset[key])
         refuse([f'{record_id} ({count} times)' for record_id, count in counts.items() if count > 1],
@@ -233,10 +243,11 @@ class CocoDetection(Dataset):
     Raises:
         ValueError: ``hflip`` outside [0, 1].
         DatasetError: the folder or file is missing; the file is not JSON or lacks images,
-            annotations or categories; records lack required fields or repeat an id;
-            annotations refer to unknown images or categories; image files named in the JSON
-            are not in ``images_dir``; no image is left. ``__getitem__`` raises it when an
-            image's decoded size differs from the width and height in the JSON.
+            annotations or categories; records lack required fields, repeat an id or have a
+            bbox that is not four finite numbers (NaN, Infinity); annotations refer to unknown
+            images or categories; image files named in the JSON are not in ``images_dir``; no
+            image is left. ``__getitem__`` raises it when an image's decoded size differs from
+            the width and height in the JSON.
     """
 
     def __init__(self, images_dir: str, annotation_file: str, train: bool = False,

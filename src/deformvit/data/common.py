@@ -1,14 +1,15 @@
-"""What every dataset of deformvit shares: the error type, image files and lists in messages."""
+"""What every dataset of deformvit shares: the error type, image files, image sides and lists in messages."""
 import os
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 from PIL import Image
 
-from .images import decode_rgb
+from ..errors import UsageError
+from .images import try_decode_rgb
 
 __all__ = [
-    'IMAGE_EXTENSIONS', 'DatasetError', 'collate_readable', 'find_images', 'first_few', 'image_files', 'iter_images',
-    'path_problem', 'refuse',
+    'IMAGE_EXTENSIONS', 'DatasetError', 'check_sides', 'collate_readable', 'find_images', 'first_few', 'image_files',
+    'iter_images', 'path_problem', 'refuse',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -35,6 +36,25 @@ def path_problem(path: str, folder: bool) -> Optional[str]:
     if not os.path.exists(path):
         return 'does not exist'
     return 'is not a directory' if folder else 'is not a file'
+
+
+def check_sides(name: str, sides: Sequence[int], meaning: str) -> Tuple[int, int]:
+    """``sides`` as two ints when both are positive whole numbers of pixels.
+
+    Args:
+        name: what the sides are, for the message (``'scale'``, ``'crop'``).
+        sides: the two values given.
+        meaning: what the two values are, with an example: ``'the (long, short) sides of the resize, e.g.
+            (2048, 512)'``.
+
+    Raises:
+        UsageError: not two values, or a value that is not a positive whole number.
+    """
+    sides = tuple(sides)
+    if len(sides) != 2 or not all(isinstance(side, (int, float)) and not isinstance(side, bool) and side >= 1
+                                  and side == int(side) for side in sides):
+        raise UsageError(f'{name} {sides} is not two positive whole numbers of pixels; expected {meaning}')
+    return int(sides[0]), int(sides[1])
 
 
 def refuse(problems: Sequence, what: str, expected: str) -> None:
@@ -69,31 +89,38 @@ def find_images(folder: str) -> List[str]:
 
 
 def image_files(inputs: Sequence[str]) -> List[str]:
-    """The image files named by ``inputs``: files as given, folders searched recursively.
+    """The image files named by ``inputs``: files as given, folders searched recursively, each file
+    once (a file named twice, or by a file and by its folder, is listed where it first appears).
 
     Raises:
         FileNotFoundError: an input is neither a file nor a folder.
         DatasetError: the inputs hold no image files.
     """
-    files = []
+    files, seen = [], set()
     for item in inputs:
         if os.path.isdir(item):
-            files.extend(find_images(item))
+            found = find_images(item)
         elif os.path.isfile(item):
-            files.append(item)
+            found = [item]
         else:
             raise FileNotFoundError(f'{item} is neither an image file nor a folder')
+        for path in found:
+            if os.path.realpath(path) not in seen:
+                seen.add(os.path.realpath(path))
+                files.append(path)
     if not files:
         raise DatasetError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {", ".join(inputs)}')
     return files
 
 
-def iter_images(inputs: Sequence[str]) -> Iterator[Tuple[str, Optional[Image.Image]]]:
-    """``(path, RGB PIL image)`` for each image file of ``inputs`` (files or folders); None for unreadable ones.
+def iter_images(inputs: Sequence[str]) -> Iterator[Tuple[str, Optional[Image.Image], Optional[str]]]:
+    """``(path, RGB PIL image, None)`` for each image file of ``inputs`` (files or folders, see
+    :func:`image_files`); ``(path, None, reason)`` for a file that cannot be read, the reason in one line
+    (``'not a readable image (...)'``, ``'too large to decode (...)'``).
 
     Raises:
         FileNotFoundError: an input is neither a file nor a folder.
         DatasetError: the inputs hold no image files.
     """
     for path in image_files(inputs):
-        yield path, decode_rgb(path)
+        yield (path, *try_decode_rgb(path))

@@ -3,8 +3,8 @@
 ``import deformvit`` (or any part of it) imports this package, so ``timm.create_model`` knows
 ``dat_*`` and ``eapt_*`` wherever deformvit is used.
 """
-from ._pyramid import PyramidBackbone
+from ._pyramid import PyramidBackbone, classifier_outputs
 from .dat import DAT, infer_dat_variant
 from .eapt import EAPT
 
-__all__ = ['DAT', 'EAPT', 'PyramidBackbone', 'infer_dat_variant']
+__all__ = ['DAT', 'EAPT', 'PyramidBackbone', 'classifier_outputs', 'infer_dat_variant']

@@ -20,10 +20,13 @@ from timm.layers import ClassifierHead, calculate_drop_path_rates, to_2tuple, tr
 from timm.models import adapt_input_conv, build_model_with_cfg
 from timm.models._features import feature_take_indices
 
-from ..checkpoint import load_state_dict_file
+from ..checkpoint import load_state_dict_file, tensor_shapes
 from ..layers import SamplingPoints, attention_switches
 
-__all__ = ['PyramidBackbone', 'build_pyramid', 'per_stage', 'pyramid_cfg']
+__all__ = ['PyramidBackbone', 'build_pyramid', 'classifier_outputs', 'per_stage', 'pyramid_cfg']
+
+# the classifier's weight in our layout and in the official DAT one
+CLASSIFIER_WEIGHTS = ('head.fc.weight', 'cls_head.weight')
 
 
 def per_stage(value, num_stages: int, name: str) -> tuple:
@@ -64,6 +67,8 @@ class PyramidBackbone(nn.Module):
     def __init__(self, img_size: Union[int, Tuple[int, int]], in_chans: int, num_classes: int, global_pool: str,
                  embed_dims: Sequence[int], patch_size: int):
         super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f'num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}')
         # the input, the features and the classifier
         self.in_chans = in_chans
         self.img_size = to_2tuple(img_size)
@@ -83,6 +88,9 @@ class PyramidBackbone(nn.Module):
         its tables are built for), with one stochastic-depth rate per block: a linear ramp
         over all blocks of the network.
         """
+        if not 0 <= drop_path_rate < 1:
+            raise ValueError(f'drop_path_rate must be in [0, 1) (the stochastic-depth rate of the last block), '
+                             f'got {drop_path_rate}')
         drop_paths = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         feature_size = [math.ceil(s / self.patch_size) for s in self.img_size]
         self.feature_info = []
@@ -246,8 +254,10 @@ class PyramidBackbone(nn.Module):
         """Load a checkpoint file (``.pth`` / ``.safetensors``) through ``checkpoint_filter``.
 
         Called by ``timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH))``. The classifier is kept only when its
-        shape matches; the stem is adapted when ``in_chans`` differs.
+        pretrained_cfg_overlay=dict(file=PATH))``, which builds the model with the file's number
+        of classes unless ``num_classes`` is given (:func:`build_pyramid`). The classifier is
+        kept when its shape matches; a model built with another ``num_classes`` (fine-tuning)
+        or none starts from a new one. The stem is adapted when ``in_chans`` differs.
         """
         state_dict = type(self).checkpoint_filter(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
         first_conv = getattr(self, 'pretrained_cfg', {}).get('first_conv', '') + '.weight'
@@ -276,6 +286,10 @@ def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwar
 
     No weights are bundled: ``pretrained=True`` needs
     ``pretrained_cfg_overlay=dict(file=PATH)``; the file is read by ``load_pretrained``.
+    Without ``num_classes`` the model takes the file's: its classifier's outputs, or 0 (no
+    classifier) for a file without one, so that no classifier is silently replaced by a random
+    one; with ``num_classes`` (fine-tuning to other classes) a different count starts a new
+    classifier, as in timm.
     """
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
@@ -285,12 +299,23 @@ def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwar
             f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH))")
     if overlay.get('file'):
         overlay.setdefault('custom_load', True)  # read by PyramidBackbone.load_pretrained
+        if pretrained and 'num_classes' not in kwargs:
+            kwargs['num_classes'] = classifier_outputs(tensor_shapes(overlay['file']))
     return build_model_with_cfg(
         cls, variant, pretrained,
         pretrained_filter_fn=cls.checkpoint_filter,
         feature_cfg=dict(feature_cls='getter', out_indices=out_indices),
         pretrained_cfg_overlay=overlay,
         **kwargs)
+
+
+def classifier_outputs(shapes: Dict[str, Tuple[int, ...]]) -> int:
+    """The number of classes a checkpoint's classifier predicts (0 without a classifier), from its tensor
+    shapes (:func:`~deformvit.checkpoint.tensor_shapes`), in our layout or the official DAT one."""
+    for key in CLASSIFIER_WEIGHTS:
+        if key in shapes:
+            return shapes[key][0]
+    return 0
 
 
 def pyramid_cfg(size: int = 224, **kwargs) -> Dict:

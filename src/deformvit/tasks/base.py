@@ -9,19 +9,98 @@ A task keeps no state: every method computes its answer from the resolved config
 classes of the data) it is given, so the methods may be called in any order, and as often as
 wanted.
 """
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ['Evaluation', 'Step', 'Task', 'registered']
+from ..errors import UsageError, closest
+
+__all__ = ['Evaluation', 'Limit', 'Step', 'Task', 'registered']
 
 T = TypeVar('T')
 
 # The loss of one training batch: ``step(model, inputs, targets, device) -> (loss, images)``, run
 # under autocast; a None loss skips the batch.
 Step = Callable[[nn.Module, Any, Any, torch.device], Tuple[Optional[torch.Tensor], int]]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """What a config field takes, checked before a run starts (:meth:`check`).
+
+    Attributes:
+        low, high: the bounds of a number (None: unbounded); ``open_low`` / ``open_high`` exclude them.
+        integer: whole numbers only.
+        choices: the values allowed, instead of a number.
+        optional: None (``null`` in YAML) is allowed too.
+        count: a list of values is expected, of this length (0: any length but empty).
+    """
+    low: Optional[float] = None
+    high: Optional[float] = None
+    integer: bool = False
+    open_low: bool = False
+    open_high: bool = False
+    choices: Tuple[str, ...] = ()
+    optional: bool = False
+    count: Optional[int] = None
+
+    def _expected_one(self) -> str:
+        if self.choices:
+            return 'one of ' + ', '.join(self.choices)
+        if self.integer and self.low == 1 and self.high is None:
+            return 'a positive integer'
+        if self.low == 0 and self.open_low and self.high is None:
+            return 'a positive number'
+        kind = 'an integer' if self.integer else 'a number'
+        if self.low is not None and self.high is not None:
+            left, right = '(' if self.open_low else '[', ')' if self.open_high else ']'
+            return f'{kind} in {left}{self.low:g}, {self.high:g}{right}'
+        if self.low is not None:
+            return f'{kind} {">" if self.open_low else ">="} {self.low:g}'
+        if self.high is not None:
+            return f'{kind} {"<" if self.open_high else "<="} {self.high:g}'
+        return kind
+
+    def expected(self) -> str:
+        """What the field takes, in words (``'a positive integer'``, ``'a list of 2 numbers in (0, 1]'``)."""
+        one = self._expected_one()
+        if self.count is not None:
+            words = one.replace('a positive integer', 'positive integers').replace('a number', 'numbers') \
+                .replace('an integer', 'integers').replace('a positive number', 'positive numbers')
+            one = f'a list of {self.count or "one or more"} {words}'
+        return one + (' or null' if self.optional else '')
+
+    def _accepts_one(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if not math.isfinite(value) or (self.integer and value != int(value)):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.open_high else value <= self.high)
+
+    def check(self, name: str, value: Any) -> None:
+        """Raise :class:`~deformvit.errors.UsageError` when ``value`` is not what field ``name`` takes."""
+        if value is None and self.optional:
+            return
+        if self.count is None:
+            ok = self._accepts_one(value)
+        else:
+            ok = (isinstance(value, (list, tuple)) and len(value) == self.count if self.count
+                  else isinstance(value, (list, tuple)) and len(value) > 0)
+            ok = ok and all(self._accepts_one(v) for v in value)
+        if not ok:
+            hint = closest(value, self.choices) if self.choices and isinstance(value, str) else ''
+            raise UsageError(f'{name} must be {self.expected()}, got {value!r}{hint}')
+
+
+POSITIVE_INT = Limit(1, integer=True)
+PROBABILITY = Limit(0, 1)
 
 
 @dataclass
@@ -48,6 +127,8 @@ class Task:
         recipes: ``(without data, with data)``: the recipes used without ``--recipe``, the built-in
             job's and the paper's.
         metric_names: the evaluation metrics, when they do not depend on the config.
+        limits: what the task's numeric and choice fields take (:class:`Limit`), checked with the
+            common fields' before a run starts.
     """
     name: str = ''
     command: str = ''
@@ -57,6 +138,7 @@ class Task:
     find_unused_parameters: bool = False
     recipes: Tuple[str, str] = ('', '')
     metric_names: Tuple[str, ...] = ()
+    limits: Dict[str, Limit] = {}
 
     def add_arguments(self, parser) -> None:
         """Add the task's own command-line flags (its data, model and framework) to an argparse parser."""
@@ -80,6 +162,12 @@ class Task:
     def collate(self, batch: Sequence) -> Tuple[Any, Any, int]:
         """``(inputs, targets, skipped)`` of a batch; ``inputs`` is None when every sample was unreadable."""
         raise NotImplementedError
+
+    def check_config(self, config: Dict) -> None:
+        """Raise :class:`~deformvit.errors.UsageError` for a task field of ``config`` outside its :attr:`limits`."""
+        for name, limit in self.limits.items():
+            if name in config:
+                limit.check(name, config[name])
 
     def eval_batch_size(self, config: Dict) -> int:
         """Images per evaluation batch: the recipe's ``eval_batch_size`` if it has one, else ``batch_size``."""
@@ -107,7 +195,9 @@ class Task:
 
 
 def registered(table: Mapping[str, T], name: str, kind: str) -> T:
-    """``table[name]`` of a name -> builder table, or a ``ValueError`` naming the ``kind`` and the known names."""
+    """``table[name]`` of a name -> builder table, or a :class:`~deformvit.errors.UsageError` (a ``ValueError``)
+    naming the ``kind`` and the known names."""
     if name not in table:
-        raise ValueError(f'unknown {kind} {name!r}; expected one of {", ".join(table)}')
+        raise UsageError(f'unknown {kind} {name!r}; expected one of {", ".join(table)}'
+                         + (closest(name, table) if isinstance(name, str) else ''))
     return table[name]

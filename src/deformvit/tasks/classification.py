@@ -12,13 +12,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from timm.data import Mixup, create_transform, resolve_data_config
+from timm.data.mixup import mixup_target
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
 from ..data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
 from ..runtime import DistributedContext
-from .base import Evaluation, Task
+from .base import POSITIVE_INT, PROBABILITY, Evaluation, Limit, Task
 
 __all__ = ['ClassificationTask', 'EvalResult', 'evaluate_classifier', 'evaluate_folder', 'plot_confusion_matrix']
 
@@ -34,6 +35,8 @@ class ClassificationTask(Task):
     metric_names = ('top1', 'top5', 'val_loss')
     collate = staticmethod(collate_skipping_corrupt)
     flags = ('model', 'img_size')
+    limits = dict(img_size=POSITIVE_INT, label_smoothing=Limit(0, 1, open_high=True), mixup=Limit(0), cutmix=Limit(0),
+                  reprob=PROBABILITY, hflip=PROBABILITY, scale=Limit(0, 1, open_low=True, count=2))
 
     def add_arguments(self, parser) -> None:
         parser.add_argument('--model', help='any registered model name (dat_nano, dat_tiny, ... or a timm model)')
@@ -94,6 +97,23 @@ class ClassificationTask(Task):
                 f'  confusion matrix: {os.path.join(folder, "confusion_matrix.png")} (.csv)']
 
 
+class BatchMixup(Mixup):
+    """timm's Mixup / CutMix with one mixing factor per batch, on batches of any size.
+
+    Each image is mixed with its mirror in the batch (image ``i`` with image ``B - 1 - i``, targets
+    alike), as timm's batch mode does; timm refuses odd batches, which a batch size of 1, an odd
+    batch size or a batch with skipped files all give. Here the middle image of an odd batch is
+    mixed with itself: it stays as it is and its target keeps its class (label smoothing still
+    applies), so no image is dropped and a batch of one trains.
+    """
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor):
+        if self.mode != 'batch':
+            return super().__call__(x, target)
+        lam = self._mix_batch(x)
+        return x, mixup_target(target, self.num_classes, lam, self.label_smoothing)
+
+
 class _ClassificationStep:
     """The loss of a classification batch: Mixup/CutMix with soft targets, or label smoothing."""
 
@@ -101,8 +121,8 @@ class _ClassificationStep:
         self.channels_last = config['channels_last']
         self.mixup, self.loss_fn = None, torch.nn.CrossEntropyLoss()
         if config['mixup'] > 0 or config['cutmix'] > 0:
-            self.mixup = Mixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'],
-                               label_smoothing=config['label_smoothing'], num_classes=num_classes)
+            self.mixup = BatchMixup(mixup_alpha=config['mixup'], cutmix_alpha=config['cutmix'],
+                                    label_smoothing=config['label_smoothing'], num_classes=num_classes)
             self.loss_fn = SoftTargetCrossEntropy()
         elif config['label_smoothing'] > 0:
             self.loss_fn = LabelSmoothingCrossEntropy(config['label_smoothing'])
@@ -112,10 +132,6 @@ class _ClassificationStep:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.mixup is not None:
-            if x.shape[0] % 2:  # timm's Mixup pairs images: a batch made odd by skipped files loses one
-                x, y = x[:-1], y[:-1]
-                if not x.shape[0]:
-                    return None, 0
             x, y = self.mixup(x, y)
         return self.loss_fn(model(x), y), x.shape[0]
 

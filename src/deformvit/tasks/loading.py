@@ -12,17 +12,18 @@
 A checkpoint of another task than the one asked for is a :class:`TaskMismatchError`; unknown
 names are reported with the closest registered ones.
 """
-import difflib
 import inspect
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import timm
 import torch.nn as nn
 
-from ..checkpoint import CheckpointRecord, checkpoint_record, load_state_dict_file
-from ..models import infer_dat_variant
+from ..checkpoint import CheckpointRecord, checkpoint_record, load_state_dict_file, tensor_shapes
+from ..errors import UsageError, closest
+from ..models import DAT, EAPT, classifier_outputs, infer_dat_variant
 from .detection import build_detector
 from .segmentation import build_segmentor
 
@@ -58,12 +59,12 @@ class LoadedModel:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ``ValueError`` for a name that is no registered model, naming the closest ones."""
-    if timm.is_model(name):
+    """Raise :class:`~deformvit.errors.UsageError` (a ``ValueError``) for a name that is no registered model,
+    naming the closest ones."""
+    if isinstance(name, str) and timm.is_model(name):
         return
-    close = difflib.get_close_matches(name, timm.list_models(), n=3)
-    hint = f'; did you mean {", ".join(close)}?' if close else '; see timm.list_models()'
-    raise ValueError(f'unknown model {name!r}: expected a registered model (deformvit\'s dat_* and eapt_*, or any '
+    hint = (closest(name, timm.list_models()) if isinstance(name, str) else '') or '; see timm.list_models()'
+    raise UsageError(f'unknown model {name!r}: expected a registered model (deformvit\'s dat_* and eapt_*, or any '
                      f'timm model) or a weights file{hint}')
 
 
@@ -75,12 +76,33 @@ def create_model(name: str, size: Optional[int] = None, **kwargs) -> nn.Module:
     """
     check_model_name(name)
     if size is not None and size < 1:
-        raise ValueError(f'size must be a positive input side in pixels, got {size}')
-    model = timm.create_model(name, **kwargs)
+        raise UsageError(f'size must be a positive input side in pixels, got {size}')
+    model = _create(name, **kwargs)
     default_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, size, size))[-1]
     if size is not None and size != default_size and 'img_size' in inspect.signature(type(model)).parameters:
-        model = timm.create_model(name, img_size=size, **kwargs)
+        model = _create(name, img_size=size, **kwargs)
     return model
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, with an argument the model does not take reported as a
+    :class:`~deformvit.errors.UsageError` naming it."""
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as err:
+        unexpected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if unexpected is None:
+            raise
+        raise UsageError(f'{name} takes no argument {unexpected.group(1)!r}; its arguments: '
+                         f'{", ".join(_arguments(name))}') from err
+
+
+def _arguments(name: str) -> List[str]:
+    """The keyword arguments of the model class behind ``name`` (ours; for other timm models, a pointer)."""
+    family = next((cls for prefix, cls in (('dat_', DAT), ('eapt_', EAPT)) if name.startswith(prefix)), None)
+    if family is None:
+        return ["those of the model's class in timm"]
+    return [p for p in inspect.signature(family).parameters if p != 'kwargs']
 
 
 def build_model(task: str, architecture: str, **kwargs) -> nn.Module:
@@ -138,7 +160,7 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
     if model is not None and not timm.is_model(model):
         if os.path.isfile(model) or _looks_like_a_file(model):
             if checkpoint is not None:
-                raise ValueError(f'{model} is a file; name the model it belongs to instead '
+                raise UsageError(f'{model} is a file; name the model it belongs to instead '
                                  f'(e.g. dat_tiny --checkpoint {checkpoint}), or drop --checkpoint')
             name, path = None, model
         else:
@@ -146,9 +168,9 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
     if path is None:
         name = name or default
         if name is None:
-            raise ValueError('name a model or a weights file')
+            raise UsageError('name a model or a weights file')
         if task not in (None, 'classify'):
-            raise ValueError(f'{name} is a classification model; a {TASK_NAMES.get(task, task)} model comes from '
+            raise UsageError(f'{name} is a classification model; a {TASK_NAMES.get(task, task)} model comes from '
                              'a checkpoint of its training run')
         return LoadedModel(create_model(name, size, **model_kwargs).eval(), name, 'classify', None, name,
                            'random weights, untrained')
@@ -161,11 +183,21 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
                              'training run (last.safetensors or best.safetensors)')
         name = name or default or infer_dat_variant(load_state_dict_file(path))
         check_model_name(name)
-        network = _with_weights(path, lambda: timm.create_model(
+        _check_classes(path, classifier_outputs(tensor_shapes(path)), model_kwargs)
+        network = _with_weights(path, lambda: _create(
             name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs))
         loaded = LoadedModel(network, name, 'classify', None, path, f'weights {os.path.basename(path)}')
     loaded.model.eval()
     return loaded
+
+
+def _check_classes(path: str, file_classes: Optional[int], model_kwargs: Dict) -> None:
+    """Refuse a ``num_classes`` other than the file's (loading for inference: a new classifier would be random)."""
+    asked = model_kwargs.get('num_classes')
+    if file_classes and asked is not None and asked != file_classes:
+        raise UsageError(f'{path} predicts {file_classes} classes; num_classes={asked} would replace its classifier '
+                         f'with a random one: drop num_classes (the model takes the file\'s {file_classes}), or '
+                         'fine-tune with `deformvit train --pretrained`')
 
 
 def _from_record(path: str, record: CheckpointRecord, name: Optional[str], task: Optional[str],
@@ -175,16 +207,13 @@ def _from_record(path: str, record: CheckpointRecord, name: Optional[str], task:
         raise TaskMismatchError(f'{path} is a {TASK_NAMES.get(record.task, record.task)} checkpoint '
                                 f'({record.architecture}); expected a {TASK_NAMES.get(task, task)} one')
     if name is not None and name != record.architecture:
-        raise ValueError(f'{path} holds a {record.architecture} model, not {name}')
+        raise UsageError(f'{path} holds a {record.architecture} model, not {name}')
     if model_kwargs and record.task != 'classify':
         raise ValueError(f'{path} records its own model arguments; a {TASK_NAMES[record.task]} model cannot be '
                          'rebuilt with others')
-    recorded_classes = record.model_kwargs.get('num_classes')
-    if model_kwargs.get('num_classes', recorded_classes) != recorded_classes:
-        raise ValueError(f'{path} predicts {recorded_classes} classes; num_classes={model_kwargs["num_classes"]} '
-                         'would replace its classifier with a random one')
+    _check_classes(path, record.model_kwargs.get('num_classes'), model_kwargs)
     if model_kwargs:  # through the family's checkpoint filter, which fits size-dependent tables
-        network = _with_weights(path, lambda: timm.create_model(
+        network = _with_weights(path, lambda: _create(
             record.architecture, pretrained=True, pretrained_cfg_overlay=dict(file=path),
             **dict(record.model_kwargs, **model_kwargs)))
     else:

@@ -3,7 +3,7 @@ import json
 import os
 from typing import Optional
 
-from ..checkpoint import load_state_dict_file, save_safetensors, unwrap_state_dict
+from ..checkpoint import check_output_file, load_state_dict_file, save_safetensors, unwrap_state_dict
 from ..models.dat import checkpoint_filter_fn, infer_dat_variant
 from ..tasks import create_model
 
@@ -24,7 +24,7 @@ def convert_checkpoint(
 
     Args:
         src: official ``.pth`` file (``{'model': state_dict}``) or a deformvit file.
-        dst: output path (``.safetensors``); written atomically.
+        dst: output path, ending in ``.safetensors`` and other than ``src``; written atomically.
         model_name: registered model the weights belong to; inferred when None.
         weights_only: refuse pickled non-tensor objects in ``src`` (see
             :func:`deformvit.load_state_dict_file`).
@@ -33,6 +33,7 @@ def convert_checkpoint(
     Returns:
         The model name the file was written for.
     """
+    check_output_file(dst, ('.safetensors',), 'converted', inputs=(src,))
     state_dict = unwrap_state_dict(load_state_dict_file(src, weights_only=weights_only))
     model_name = model_name or infer_dat_variant(state_dict)
     model = create_model(model_name, **model_kwargs)

@@ -25,7 +25,6 @@ Examples:
   deformvit export runs/digits/best.safetensors --output digits.onnx
   deformvit export eapt_small --format exported-program --output eapt_small.pt2
 """
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence, Tuple, Union
@@ -35,7 +34,8 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-from ..checkpoint import write_atomically
+from ..checkpoint import check_output_file, write_atomically
+from ..errors import UsageError
 from ..layers import attention_switches
 from ..models import PyramidBackbone
 from .onnx_opset import to_opset_17
@@ -257,14 +257,8 @@ def check_opset(opset: int) -> None:
 
 def check_output_path(path: str, fmt: str) -> str:
     if fmt not in FORMATS:
-        raise ValueError(f'unknown format {fmt!r}; expected one of {", ".join(FORMATS)}')
-    path = os.fspath(path)
-    if not path.endswith(FORMATS[fmt]):
-        raise ValueError(f'{fmt} files are written as {FORMATS[fmt]}; got {path}')
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f'the output folder {folder} does not exist; create it first')
-    return path
+        raise UsageError(f'unknown format {fmt!r}; expected one of {", ".join(FORMATS)}')
+    return check_output_file(path, (FORMATS[fmt],), fmt)
 
 
 def _export(model: nn.Module, path: str, fmt: str, write: Callable, runner: Callable,

@@ -4,17 +4,25 @@ A recipe (``deformvit/training/recipes/*.yaml``, or any YAML file) holds every
 hyper-parameter of a run; the task adds its own fields (:attr:`Task.defaults`). The resolved
 config is the defaults, then the recipe, then explicit command-line flags, then
 ``--set key=value`` overrides, and it is written beside the checkpoints as ``config.yaml``.
+:func:`check_config` checks every field before a run does any work; resuming a run
+(:func:`resolve_config` with ``resume``) continues the run's own config, which flags may only
+extend (:data:`RESUMABLE`).
 """
 import copy
 import os
 from importlib import resources
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import yaml
+from timm.optim import list_optimizers
 
-from ..tasks import Task, get_task
+from ..errors import UsageError, closest
+from ..runtime import PRECISIONS, resolve_device
+from ..tasks import Task, check_model_name, get_task
+from ..tasks.base import POSITIVE_INT, Limit
 
-__all__ = ['COMMON_DEFAULTS', 'COMMON_FLAGS', 'defaults', 'load_recipe', 'recipe_names', 'resolve_config']
+__all__ = ['COMMON_DEFAULTS', 'COMMON_FLAGS', 'COMMON_LIMITS', 'RESUMABLE', 'check_config', 'defaults',
+           'explicit_fields', 'load_recipe', 'recipe_names', 'resolve_config']
 
 COMMON_DEFAULTS = dict(
     description='', task='classify', data=None, epochs=300, iterations=None, batch_size=128, accum_steps=1,
@@ -28,6 +36,19 @@ COMMON_DEFAULTS = dict(
 COMMON_FLAGS = ('data', 'epochs', 'batch_size', 'accum_steps', 'lr', 'workers', 'seed', 'device', 'precision',
                 'output', 'pretrained')
 SWITCHES = ('compile', 'grad_checkpointing', 'channels_last', 'model_ema')  # fields turned on by a bare flag
+# what the common numeric and choice fields take; the other fields take values of their default's type
+COMMON_LIMITS = dict(
+    epochs=POSITIVE_INT, iterations=Limit(1, integer=True, optional=True), batch_size=POSITIVE_INT,
+    accum_steps=POSITIVE_INT, lr=Limit(0, optional=True), lr_base=Limit(0, open_low=True),
+    lr_base_size=Limit(0, open_low=True), sched=Limit(choices=('cosine', 'multistep', 'poly')), min_lr=Limit(0),
+    warmup_lr=Limit(0), warmup_epochs=Limit(0), warmup_updates=Limit(0, integer=True, optional=True),
+    decay_rate=Limit(0, open_low=True), poly_power=Limit(0, open_low=True),
+    weight_decay=Limit(0), clip_grad=Limit(0, open_low=True, optional=True), drop_path=Limit(0, 1, open_high=True),
+    ema_decay=Limit(0, 1, open_low=True, open_high=True), eval_every=POSITIVE_INT, workers=Limit(0, integer=True),
+    seed=Limit(0, integer=True), precision=Limit(choices=('auto', *PRECISIONS)),
+)
+# fields a resumed run may change: how long it trains and where
+RESUMABLE = ('epochs', 'device', 'workers', 'output')
 
 
 def _shipped_recipes() -> List[str]:
@@ -46,11 +67,19 @@ def recipe_names(task: Optional[str] = None) -> List[str]:
 def load_recipe(name_or_path: str) -> Dict:
     """A recipe by name (``dat-in1k``, ``digits``...) or a YAML file path."""
     if os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
-            return yaml.safe_load(f) or {}
+        try:
+            with open(name_or_path) as f:
+                recipe = yaml.safe_load(f) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UsageError(f'recipe {name_or_path} is not valid YAML: {" ".join(str(err).split())}') from err
+        if not isinstance(recipe, dict):
+            raise UsageError(f'recipe {name_or_path} holds a {type(recipe).__name__}; expected a mapping of '
+                             'field: value lines (see src/deformvit/training/recipes/*.yaml)')
+        return recipe
     names = _shipped_recipes()
     if name_or_path not in names:
-        raise ValueError(f'unknown recipe {name_or_path!r}: expected a YAML file or one of {names}')
+        raise UsageError(f'unknown recipe {name_or_path!r}: expected a YAML file or one of {", ".join(names)}'
+                         + closest(name_or_path, names))
     return yaml.safe_load(resources.files(__package__).joinpath('recipes', f'{name_or_path}.yaml').read_text())
 
 
@@ -62,44 +91,144 @@ def defaults(task: Task) -> Dict:
 def _parse_override(item: str, known: Dict):
     key, sep, value = item.partition('=')
     if not sep:
-        raise ValueError(f'--set expects key=value, got {item!r}')
+        raise UsageError(f'--set expects key=value, got {item!r}')
     key = key.replace('-', '_')
     if key not in known:
-        raise ValueError(f'--set {key}: unknown field; known fields: {sorted(known)}')
-    return key, yaml.safe_load(value)
+        raise UsageError(f'--set {key}: unknown field{closest(key, known) or f"; known fields: {sorted(known)}"}')
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as err:
+        raise UsageError(f'--set {item}: the value is not valid YAML ({" ".join(str(err).split())})') from err
+
+
+def explicit_fields(args, task: Task) -> Dict[str, Any]:
+    """The fields a command line sets itself: its flags, switches and ``--set`` overrides."""
+    fields = defaults(task)
+    explicit = {name: getattr(args, name) for name in COMMON_FLAGS + task.flags
+                if getattr(args, name, None) is not None}
+    explicit.update({flag: True for flag in SWITCHES if getattr(args, flag, False)})
+    for item in getattr(args, 'set', None) or []:
+        key, value = _parse_override(item, fields)
+        explicit[key] = value
+    return explicit
+
+
+def _of_type(default: Any, value: Any) -> bool:
+    """Whether ``value`` is of the kind of field whose default is ``default`` (any kind when it is None)."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def check_config(config: Dict, task: Optional[Task] = None) -> None:
+    """Check every field of a resolved config before a run does any work.
+
+    Raises:
+        UsageError: a field outside its limits (:data:`COMMON_LIMITS`, the task's ``limits``), a value of
+            another kind than the field's default, an unknown optimizer, model, framework or device, or an
+            ``output`` that is a file.
+    """
+    task = task or get_task(config.get('task') or 'classify')
+    fields = defaults(task)
+    for name, value in config.items():
+        if name in fields and name not in COMMON_LIMITS and name not in task.limits \
+                and not _of_type(fields[name], value):
+            raise UsageError(f'{name} must be {type(fields[name]).__name__.replace("NoneType", "null")} like its '
+                             f'default {fields[name]!r}, got {value!r}')
+    for name, limit in COMMON_LIMITS.items():
+        limit.check(name, config[name])
+    task.check_config(config)
+    if config['opt'] not in list_optimizers():
+        raise UsageError(f"unknown optimizer {config['opt']!r}" + (closest(config['opt'], list_optimizers())
+                                                                   or '; see timm.optim.list_optimizers()'))
+    check_model_name(config[task.model_field])
+    resolve_device(config['device'])
+    output = config['output']
+    if output is not None and os.path.exists(output) and not os.path.isdir(output):
+        raise UsageError(f'--output {output} is a file; expected the folder of the run (new, or one to --resume)')
+
+
+def _recorded_config(folder: str) -> Optional[Dict]:
+    path = os.path.join(folder, 'config.yaml')
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            recorded = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f'{path} is not readable ({err}); the run in {folder} cannot be resumed') from err
+    return recorded if isinstance(recorded, dict) else None
+
+
+def _same_value(key: str, value: Any, recorded: Any) -> bool:
+    """Whether a field's ``value`` is the ``recorded`` one; the paths of data and weights however written."""
+    if key in ('data', 'pretrained') and isinstance(value, str) and isinstance(recorded, str):
+        return os.path.abspath(value) == os.path.abspath(recorded)
+    return value == recorded
+
+
+def _resumed(config: Dict, explicit: Dict, task: Task) -> Dict:
+    """The config of the run in ``config['output']``, extended by the explicit ``RESUMABLE`` fields."""
+    folder = config['output']
+    recorded = _recorded_config(folder)
+    if recorded is None:  # the loop reports a folder without a resumable run
+        return config
+    if (recorded.get('task') or 'classify') != task.name:
+        raise UsageError(f"{folder} holds a {recorded.get('task') or 'classify'} run; `{task.command} --resume` "
+                         f'continues {task.name} runs only')
+    changed = sorted(k for k, v in explicit.items()
+                     if k not in RESUMABLE and k in recorded and not _same_value(k, v, recorded[k]))
+    if changed:
+        was = ', '.join(f'{k}={recorded[k]!r}' for k in changed)
+        asked = ', '.join(f'{k}={explicit[k]!r}' for k in changed)
+        raise UsageError(f'the run in {folder} was trained with {was}; {asked} would not continue it. Resume with '
+                         f'only {", ".join("--" + k.replace("_", "-") for k in RESUMABLE[:3])} changed, or start a '
+                         'new run in another --output')
+    resumed = dict(config)
+    resumed.update({k: v for k, v in recorded.items() if k in config})
+    resumed.update({k: explicit[k] for k in RESUMABLE if k in explicit})
+    return resumed
 
 
 def resolve_config(args, task: Optional[Task] = None) -> Dict:
     """Defaults, then the recipe, then explicit flags, then ``--set`` overrides.
 
+    With ``args.resume``, the config is the one the run in ``args.output`` recorded, with only the
+    :data:`RESUMABLE` fields taken from the command line; another explicit value of any other field
+    is refused, since the run would not be continued but silently changed.
+
     Args:
         args: the parsed command line (any object with the flags as attributes, None for a flag not
-            given): ``recipe``, ``set``, the common flags, ``task``'s flags and the switches.
+            given): ``recipe``, ``set``, ``resume``, the common flags, ``task``'s flags and the switches.
         task: the task trained (default: classification).
+
+    Raises:
+        UsageError: an unknown recipe, field or ``--set`` item, a recipe that is not a YAML mapping, a
+            recipe of another task, or a resume that would change the run.
     """
     task = task or get_task('classify')
     fields = defaults(task)
+    explicit = explicit_fields(args, task)
     recipe = args.recipe or task.default_recipe(args.data)
     loaded = load_recipe(recipe)
     if (loaded.get('task') or 'classify') != task.name:
-        raise ValueError(f"recipe {recipe!r} is a {loaded.get('task') or 'classify'} recipe; `{task.command}` takes "
+        raise UsageError(f"recipe {recipe!r} is a {loaded.get('task') or 'classify'} recipe; `{task.command}` takes "
                          f'{task.name} recipes: {recipe_names(task.name)}')
     config = dict(fields, **copy.deepcopy(loaded), recipe=recipe)
     unknown = set(config) - set(fields) - {'recipe'}
     if unknown:
-        raise ValueError(f'recipe {recipe!r} has unknown fields {sorted(unknown)}')
-    for name in COMMON_FLAGS + task.flags:
-        value = getattr(args, name, None)
-        if value is not None:
-            config[name] = value
-    if args.epochs is not None and getattr(args, 'iterations', None) is None:
+        raise UsageError(f'recipe {recipe!r} has unknown fields {sorted(unknown)}')
+    config.update(explicit)
+    if 'epochs' in explicit and 'iterations' not in explicit:
         config['iterations'] = None  # an explicit --epochs replaces a recipe's iteration budget
-    for flag in SWITCHES:
-        if getattr(args, flag, False):
-            config[flag] = True
-    for item in args.set or []:
-        key, value = _parse_override(item, fields)
-        config[key] = value
     if isinstance(config['drop_path'], dict):
         config['drop_path'] = config['drop_path'].get(config[task.model_field], 0.0)
+    if getattr(args, 'resume', False) and config['output']:
+        config = _resumed(config, dict(explicit, **({'recipe': args.recipe} if args.recipe else {})), task)
     return config

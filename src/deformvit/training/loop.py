@@ -21,10 +21,12 @@ from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRSchedu
 from timm.utils import ModelEmaV3, dispatch_clip_grad
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
-from ..checkpoint import metadata_for
+from ..checkpoint import check_output_folder, metadata_for
 from ..data import DatasetError
+from ..errors import UsageError
 from ..runtime import DistributedContext, autocast_context, autocast_dtype, init_distributed, resolve_precision
 from ..tasks import Task, get_task
+from .config import check_config
 from .reports import Logger, ProgressBar, write_reports
 from .state import load_training_state, rng_state, save_training_state, seed_everything, set_rng_state
 
@@ -140,14 +142,14 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def _prepare_output(config: Dict, task: Task, resume: bool) -> str:
+def _run_folder(config: Dict, task: Task, resume: bool) -> str:
+    """The run's folder, checked but not created: a run that fails before its first epoch leaves nothing."""
     data = 'digits' if config['data'] is None else os.path.basename(os.path.normpath(config['data']))
     name = f"{task.run_name(config)}-{data}-{time.strftime('%Y%m%d-%H%M%S')}"
     folder = config['output'] or os.path.join('runs', name)
     if not resume and os.path.exists(os.path.join(folder, 'last.safetensors')):
         raise FileExistsError(f'{folder} already holds a run; pass --resume to continue it or choose another --output')
-    os.makedirs(folder, exist_ok=True)
-    return folder
+    return check_output_folder(folder, 'run folder')
 
 
 def _no_weight_decay(model: nn.Module) -> List[str]:
@@ -162,7 +164,7 @@ def _no_weight_decay(model: nn.Module) -> List[str]:
 def _set_grad_checkpointing(model: nn.Module) -> None:
     modules = [m for m in model.modules() if hasattr(m, 'set_grad_checkpointing')]
     if not modules:
-        raise ValueError('--grad-checkpointing: this model has no module that supports gradient checkpointing')
+        raise UsageError('--grad-checkpointing: this model has no module that supports gradient checkpointing')
     modules[0].set_grad_checkpointing(True)
 
 
@@ -200,19 +202,24 @@ def _precision(precision: str, device: torch.device):
     """``(autocast context factory, gradient scaler or None, precision name)`` of a training run."""
     precision = resolve_precision(precision, device)
     if precision == 'fp16' and device.type != 'cuda':
-        raise ValueError('fp16 mixed precision needs a CUDA device; use --precision bf16 or fp32 on CPU')
+        raise UsageError('fp16 mixed precision needs a CUDA device; use --precision bf16 or fp32 on CPU')
     dtype = autocast_dtype(precision, device)
     scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
     return autocast_context(device, dtype), scaler, precision
 
 
 def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = None) -> Dict:
-    """Train as ``config`` says (its ``task`` field picks the task); returns the final metrics."""
+    """Train as ``config`` says (its ``task`` field picks the task); returns the final metrics.
+
+    Every field is checked (:func:`~deformvit.training.config.check_config`) before any work; the run
+    folder is created once the data and the model are ready.
+    """
+    task = get_task(config.get('task') or 'classify')
+    check_config(config, task)
     ctx = ctx or init_distributed(config['device'])
     autocast, scaler, precision = _precision(config['precision'], ctx.device)
-    task = get_task(config.get('task') or 'classify')
     metrics = task.metrics(config)
-    folder = _prepare_output(config, task, resume) if ctx.is_main else config['output']
+    folder = _run_folder(config, task, resume) if ctx.is_main else config['output']
     if ctx.distributed:
         folders = [folder]
         torch.distributed.broadcast_object_list(folders, src=0)
@@ -222,6 +229,9 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         weights, metadata, state = load_training_state(folder)
         config = dict(state['config'], **{k: config[k] for k in ('epochs', 'device', 'workers')})
         start_epoch, best_score = state['epoch'] + 1, state.get('best_score', state.get('best_top1', -math.inf))
+        if start_epoch >= config['epochs'] and config['iterations'] is None:
+            raise UsageError(f"the run in {folder} has trained {start_epoch} of {config['epochs']} epochs; pass a "
+                             f'larger --epochs to train it further')
     config['output'] = folder
 
     train_set, val_set = task.datasets(config)
@@ -278,6 +288,8 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
             model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
             find_unused_parameters=task.find_unused_parameters)
 
+    if ctx.is_main:
+        os.makedirs(folder, exist_ok=True)
     logger = Logger(folder, start_epoch, metrics) if ctx.is_main else None
     if ctx.is_main:
         with open(os.path.join(folder, 'config.yaml'), 'w') as f:
@@ -305,6 +317,9 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
         finally:
             if bar is not None:
                 bar.close()
+        if stats.images == 0:
+            raise DatasetError(f'epoch {epoch + 1} trained on no image: all {stats.skipped} image(s) of its batches '
+                               'were unreadable or skipped; check the training data')
         last_epoch = epoch == config['epochs'] - 1
         evaluated = last_epoch or (epoch + 1) % max(1, config['eval_every']) == 0
         evaluation = task.evaluate(eval_model, val_loader, ctx, autocast, config) if evaluated else None

@@ -67,7 +67,8 @@ def load_training_state(folder: str, name: str = 'last') -> tuple:
 
     Raises:
         FileNotFoundError: the folder holds no such checkpoint.
-        ValueError: weights and training state disagree (an interrupted write of an old version).
+        ValueError: a file is not readable (empty, truncated), or weights and training state disagree (an
+            interrupted write of an old version).
     """
     weights = os.path.join(folder, f'{name}.safetensors')
     state_path = os.path.join(folder, f'{name}.state.pt')
@@ -75,7 +76,7 @@ def load_training_state(folder: str, name: str = 'last') -> tuple:
         raise FileNotFoundError(f'no resumable checkpoint in {folder}: expected {name}.safetensors and '
                                 f'{name}.state.pt (written at the end of every epoch)')
     metadata = read_safetensors_metadata(weights)
-    state = torch.load(state_path, map_location='cpu', weights_only=True)
+    state = load_state_dict_file(state_path)
     if str(state.get('epoch')) != metadata.get('epoch'):
         raise ValueError(f'{weights} (epoch {metadata.get("epoch")}) and {state_path} (epoch {state.get("epoch")}) '
                          'do not belong together')

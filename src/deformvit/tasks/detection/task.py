@@ -3,22 +3,24 @@
 
 Data is COCO-format (an images folder plus an instances JSON; ``--data ROOT`` with
 ``train2017/``, ``val2017/`` and ``annotations/instances_{train,val}2017.json``, or the
-same with ``train``/``val``). Without ``--data`` a run trains on the embedded digit scenes
-(real MNIST digits composited at several scales, written in COCO layout). Metrics are
-COCO's (pycocotools): box AP, AP50, AP75, APs/APm/APl and, for frameworks with masks
-(Mask R-CNN), mask AP.
+same with ``train``/``val``; evaluation needs only the val split). Without ``--data`` a run
+trains on the embedded digit scenes (real MNIST digits composited at several scales, written
+in COCO layout). Metrics are COCO's (pycocotools): box AP, AP50, AP75, APs/APm/APl and, for
+frameworks with masks (Mask R-CNN), mask AP.
 """
 import contextlib
+import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ...data import DatasetError
+from ...errors import UsageError
 from ...data.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, to_coco_results
-from ..base import Evaluation
+from ..base import POSITIVE_INT, PROBABILITY, Evaluation, Limit
 from ..dense import DenseTask, class_colors, predict_images, scenes_root
 from . import DETECTORS, build_detector, detector_class
 
@@ -43,6 +45,8 @@ class DetectionTask(DenseTask):
     recipes = ('det-digits', 'det-1x')
     collate = staticmethod(collate_detection)
     flags = ('backbone', 'detector')
+    limits = dict(min_size=POSITIVE_INT, max_size=POSITIVE_INT, fpn_channels=POSITIVE_INT, anchor_sizes=Limit(
+        1, integer=True, count=0), representation_size=POSITIVE_INT, hflip=PROBABILITY, eval_batch_size=POSITIVE_INT)
     framework_field = 'detector'
     frameworks = DETECTORS
     data_help = 'COCO root (train2017/, val2017/, annotations/instances_*.json)'
@@ -132,7 +136,8 @@ def evaluate_detector(loaded, data: Optional[str], ctx, batch_size: int = 2, wor
 
     Args:
         loaded: the detector, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
-        data: COCO root.
+        data: COCO root; only its val split (``val2017/`` or ``val/`` with its instances JSON) is
+            needed, a root without training data is fine.
         ctx: the processes to evaluate on (:class:`~deformvit.runtime.DistributedContext`).
 
     Returns:
@@ -142,7 +147,7 @@ def evaluate_detector(loaded, data: Optional[str], ctx, batch_size: int = 2, wor
         DatasetError: bad data, or categories other than the detector's.
     """
     model, classes = loaded.model, loaded.classes
-    layout = coco_layout(scenes_root(data, 'coco'))
+    layout = coco_layout(scenes_root(data, 'coco'), splits=('val',))
     dataset = CocoDetection(*layout['val'], train=False, with_masks=model.has_masks())
     if dataset.classes != classes:
         raise DatasetError(f'{loaded.source} detects {len(classes)} classes {classes[:10]}, the annotations name '
@@ -163,34 +168,75 @@ def draw_detections(image: torch.Tensor, prediction: Dict, classes: Sequence[str
         canvas = draw_segmentation_masks(canvas, prediction['masks'][keep, 0] > 0.5, alpha=0.45, colors=colors)
     text = [f'{classes[int(label) - 1]} {score:.2f}' for label, score in
             zip(prediction['labels'][keep], prediction['scores'][keep])]
+    if not keep.any():  # nothing to draw: the image as it is
+        return canvas
     return draw_bounding_boxes(canvas, prediction['boxes'][keep], text, colors=colors, width=2)
+
+
+def _input_size(transform, height: int, width: int) -> Tuple[int, int]:
+    """``(height, width)`` that torchvision's ``GeneralizedRCNNTransform`` resizes an evaluation image to
+    (shorter side ``min_size[-1]``, longer at most ``max_size``), with its float32 scale and floor."""
+    if transform.fixed_size is not None:
+        return transform.fixed_size[1], transform.fixed_size[0]
+    sides = torch.tensor([height, width], dtype=torch.float32)
+    scale = torch.min(float(transform.min_size[-1]) / sides.min(), float(transform.max_size) / sides.max()).item()
+    return math.floor(height * scale), math.floor(width * scale)
+
+
+def _too_thin(model) -> Callable:
+    """``unusable(image)`` of :func:`~deformvit.tasks.dense.predict_images` for ``model``: why an image is
+    too thin to detect in (a side resized to 0 pixels, which torchvision's resize cannot make), or None."""
+    def unusable(image) -> Optional[str]:
+        height, width = _input_size(model.transform, image.height, image.width)
+        if min(height, width) >= 1:
+            return None
+        return (f'too thin to detect in: {image.width}x{image.height} pixels (width x height) become '
+                f'{width}x{height} at the detector\'s input size (shorter side {model.transform.min_size[-1]}, '
+                f'longer side at most {model.transform.max_size}); expected a longer side at most '
+                f'{model.transform.max_size} times the shorter one')
+    return unusable
 
 
 @torch.no_grad()
 def predict(loaded, inputs: Sequence[str], output: str, score_threshold: float = 0.5, device: str = 'cpu') -> Dict:
-    """Detect objects in images; write ``<name>.png`` drawings and ``detections.json`` into ``output``.
+    """Detect objects in images; write a PNG drawing per image and ``detections.json`` into ``output``.
+
+    The drawing of ``photos/a/x.jpg`` given as ``photos`` is ``output/a/x.png``: outputs mirror the
+    inputs' paths (:func:`~deformvit.tasks.dense.output_names`), and ``x.jpg`` beside ``x.png`` keeps its
+    extension (``x.jpg.png``). ``output`` may be neither an input folder nor inside one. Images that cannot
+    be read, or so thin that the detector's resize leaves a side of 0 pixels, are skipped and listed with
+    the reason in ``detections.json`` (see :func:`~deformvit.tasks.dense.predict_images`).
 
     Args:
         loaded: the detector, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
         inputs: image files or folders.
         output: the folder written.
-        score_threshold: detections below it are neither drawn nor listed.
+        score_threshold: detections below it are neither drawn nor listed; in [0, 1].
         device: where the model runs.
+
+    Returns:
+        ``{'images', 'skipped'}`` of :func:`~deformvit.tasks.dense.predict_images`; each
+        image's record holds ``width``, ``height`` and ``detections`` (``label``, ``score``, ``box_xyxy``).
+
+    Raises:
+        UsageError: ``score_threshold`` outside [0, 1], or ``output`` among the inputs (before any work).
     """
-    from torchvision.io import write_png
-    from torchvision.transforms.v2.functional import pil_to_tensor
+    if not 0.0 <= score_threshold <= 1.0:
+        raise UsageError(f'score_threshold {score_threshold} is outside [0, 1]; expected the lowest detection '
+                         f'score to keep, e.g. 0.5')
+    from torchvision.transforms.v2.functional import pil_to_tensor, to_pil_image
     model, classes = loaded.model.to(device), loaded.classes
 
-    def detect(path, image, stem):
+    def detect(image, files):
         x = pil_to_tensor(image).float().div(255)
         prediction = {k: v.cpu() for k, v in model([x.to(device)])[0].items()}
         keep = prediction['scores'] >= score_threshold
-        write_png(draw_detections(x, prediction, classes, score_threshold), os.path.join(output, f'{stem}.png'))
-        return dict(file=path, width=image.width, height=image.height, detections=[
+        to_pil_image(draw_detections(x, prediction, classes, score_threshold)).save(files[0])
+        return dict(width=image.width, height=image.height, detections=[
             dict(label=classes[int(label) - 1], score=round(float(score), 4),
                  box_xyxy=[round(float(v), 2) for v in box])
             for box, label, score in zip(prediction['boxes'][keep], prediction['labels'][keep],
                                          prediction['scores'][keep])])
 
-    return predict_images(inputs, output, detect, 'detections.json',
-                          dict(checkpoint=loaded.source, score_threshold=score_threshold))
+    return predict_images(inputs, output, detect, ('.png',), 'detections.json',
+                          dict(checkpoint=loaded.source, score_threshold=score_threshold), unusable=_too_thin(model))

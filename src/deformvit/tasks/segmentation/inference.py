@@ -10,9 +10,26 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['MULTI_SCALE_RATIOS', 'segment_logits']
+from ...data.common import check_sides
+from ...errors import UsageError
+
+__all__ = ['MULTI_SCALE_RATIOS', 'check_inference', 'segment_logits']
 
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)  # mmsegmentation's ADE20K multi-scale test
+
+
+def check_inference(mode: str, crop: Sequence[int] = (512, 512), stride: Sequence[int] = (341, 341),
+                    scales: Sequence[float] = (1.0,)) -> None:
+    """Raise :class:`~deformvit.errors.UsageError` (a ``ValueError``) for settings :func:`segment_logits`
+    cannot take: an unknown ``mode``, a ``crop`` or ``stride`` that is not two positive whole numbers, a
+    ratio of ``scales`` that is not positive. Callers run it before loading any data."""
+    if mode not in ('whole', 'slide'):
+        raise UsageError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    check_sides('crop', crop, 'the (height, width) of the sliding window, e.g. (512, 512)')
+    check_sides('stride', stride, 'the (vertical, horizontal) step between windows, e.g. (341, 341)')
+    if not scales or not all(ratio > 0 for ratio in scales):
+        raise UsageError(f'scales {tuple(scales)} are not positive resize ratios; expected ratios > 0, e.g. (1.0,) '
+                         f'or {MULTI_SCALE_RATIOS}')
 
 
 def _sliding_logits(model: nn.Module, x: torch.Tensor, num_classes: int, crop: Sequence[int],
@@ -51,9 +68,12 @@ def segment_logits(
         mode: ``'whole'`` (one pass over the image) or ``'slide'`` (``crop`` windows ``stride`` apart).
         scales: the image is resized by each ratio (bilinear) and the softmax outputs averaged.
         flip: also average the horizontally flipped image's outputs.
+        crop, stride: ``'slide'`` only: ``(height, width)`` of the windows and the step between them.
+
+    Raises:
+        UsageError: settings :func:`check_inference` refuses.
     """
-    if mode not in ('whole', 'slide'):
-        raise ValueError(f"mode must be 'whole' or 'slide', got {mode!r}")
+    check_inference(mode, crop, stride, scales)
     probabilities = None
     for scale in scales:
         size = [max(32, round(s * scale)) for s in x.shape[-2:]]

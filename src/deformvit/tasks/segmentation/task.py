@@ -22,12 +22,15 @@ from torch.utils.data import DataLoader
 
 from ...data import DatasetError
 from ...data.ade import SegmentationFolder, SegmentationMetrics, collate_segmentation
-from ..base import Evaluation
+from ...data.common import check_sides
+from ..base import POSITIVE_INT, PROBABILITY, Evaluation, Limit
 from ..dense import DenseTask, class_colors, predict_images, scenes_root
 from . import SEGMENTORS, build_segmentor
-from .inference import MULTI_SCALE_RATIOS, segment_logits
+from .inference import MULTI_SCALE_RATIOS, check_inference, segment_logits
 
 __all__ = ['SegmentationTask', 'evaluate_segmentor', 'predict']
+
+IGNORE_INDEX = 255  # label of the pixels no loss or metric counts (SegmentationFolder's default)
 
 
 class SegmentationTask(DenseTask):
@@ -43,6 +46,12 @@ class SegmentationTask(DenseTask):
     metric_names = ('miou', 'macc', 'aacc')
     collate = staticmethod(collate_segmentation)
     flags = ('backbone', 'decoder', 'iterations')
+    limits = dict(decoder_channels=Limit(1, integer=True, optional=True), fpn_channels=POSITIVE_INT,
+                  crop_size=Limit(1, integer=True, count=2), scale=Limit(1, integer=True, count=2),
+                  ratio_range=Limit(0, open_low=True, count=2), hflip=PROBABILITY, aux_weight=Limit(0),
+                  test_mode=Limit(choices=('whole', 'slide')), test_crop=Limit(1, integer=True, count=2),
+                  test_stride=Limit(1, integer=True, count=2), test_scales=Limit(0, open_low=True, count=0),
+                  eval_batch_size=POSITIVE_INT)
     framework_field = 'decoder'
     frameworks = SEGMENTORS
     data_help = 'ADE20K-layout root (images/, annotations/, optional classes.txt)'
@@ -112,13 +121,29 @@ class SegmentationTask(DenseTask):
                 'images', f'  per-class IoU:    {path}']
 
 
+def _labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, labelled: torch.Tensor) -> torch.Tensor:
+    """Cross entropy averaged over the ``labelled`` pixels, as ``F.cross_entropy(..., ignore_index=255)``,
+    but 0 rather than NaN (0 / 0) when there are none; the 0 still depends on every logit."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction='sum')
+    return total / labelled.clamp_min(1)
+
+
 def _segmentation_step(model, images, labels, device, aux_weight: float):
+    """Loss of a batch of training crops, and the number of crops with a labelled pixel.
+
+    A batch whose crops hold no labelled pixel (a random crop of an unlabelled region) gives a loss
+    of 0 with zero gradients, not NaN, and counts 0 images in the epoch's mean loss: its backward
+    pass still runs, so every process of a DDP run takes part in the same gradient reductions and
+    the update schedule is the one of any other batch.
+    """
+    labelled_crops = int((labels != IGNORE_INDEX).flatten(1).any(1).sum())  # on the host, before the copy
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    labelled = (labels != IGNORE_INDEX).sum()
     out = model(images)
     if isinstance(out, dict):
-        return (F.cross_entropy(out['out'].float(), labels, ignore_index=255)
-                + aux_weight * F.cross_entropy(out['aux'].float(), labels, ignore_index=255)), len(images)
-    return F.cross_entropy(out.float(), labels, ignore_index=255), len(images)
+        return (_labelled_cross_entropy(out['out'], labels, labelled)
+                + aux_weight * _labelled_cross_entropy(out['aux'], labels, labelled)), labelled_crops
+    return _labelled_cross_entropy(out, labels, labelled), labelled_crops
 
 
 def evaluate_segmentor(loaded, data: Optional[str], ctx, mode: str = 'whole', multi_scale: bool = False,
@@ -128,18 +153,24 @@ def evaluate_segmentor(loaded, data: Optional[str], ctx, mode: str = 'whole', mu
 
     Args:
         loaded: the segmentor, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
-        data: ADE20K-layout root (default: the embedded scenes).
+        data: ADE20K-layout root (default: the embedded scenes); only ``images/validation`` and
+            ``annotations/validation`` are needed.
         ctx: the processes to evaluate on (:class:`~deformvit.runtime.DistributedContext`).
         mode: ``'whole'`` or ``'slide'`` inference (``crop`` windows ``stride`` apart).
         multi_scale: average the ratios of :data:`MULTI_SCALE_RATIOS` and their flips.
         scale: the test resize ``(long, short)``.
+        crop, stride: ``(height, width)`` of the sliding windows and the step between them.
 
     Returns:
         ``(evaluation, root)``.
 
     Raises:
+        UsageError: an unknown ``mode``, or a ``scale``, ``crop`` or ``stride`` that is not two
+            positive whole numbers (checked before any data is read).
         DatasetError: bad data, or another number of classes than the segmentor's.
     """
+    check_sides('scale', scale, 'the (long, short) sides of the test resize, e.g. (2048, 512)')
+    check_inference(mode, crop, stride)
     model, classes = loaded.model, loaded.classes
     root = scenes_root(data, 'ade')
     dataset = SegmentationFolder(root, 'validation', classes=classes if os.path.exists(
@@ -155,7 +186,15 @@ def evaluate_segmentor(loaded, data: Optional[str], ctx, mode: str = 'whole', mu
 @torch.no_grad()
 def predict(loaded, inputs: Sequence[str], output: str, scale: Sequence[int] = (2048, 512), mode: str = 'whole',
             multi_scale: bool = False, device: str = 'cpu') -> Dict:
-    """Segment images; write ``<name>.png`` (class indices), ``<name>_overlay.png`` and ``classes.json``.
+    """Segment images; write per image a label map (class indices) and an overlay PNG, and ``classes.json``.
+
+    The outputs of ``photos/a/x.jpg`` given as ``photos`` are ``output/a/x.png`` and
+    ``output/a/x_overlay.png``: they mirror the inputs' paths
+    (:func:`~deformvit.tasks.dense.output_names`), and ``x.jpg`` beside ``x.png`` keeps its extension
+    (``x.jpg.png``). ``output`` may be neither an input folder nor inside one. Images that cannot be
+    read are skipped and listed with the reason in ``classes.json`` (see
+    :func:`~deformvit.tasks.dense.predict_images`); an image thinner than 32 pixels is stretched to 32
+    for the model and its label map resized back.
 
     Args:
         loaded: the segmentor, its classes and source (:class:`~deformvit.tasks.LoadedModel`).
@@ -165,13 +204,23 @@ def predict(loaded, inputs: Sequence[str], output: str, scale: Sequence[int] = (
         mode: ``'whole'`` or ``'slide'`` inference.
         multi_scale: average the ratios of :data:`MULTI_SCALE_RATIOS` and their flips.
         device: where the model runs.
+
+    Returns:
+        ``{'images', 'skipped'}`` of :func:`~deformvit.tasks.dense.predict_images`; each
+        image's record holds ``classes``, the share of its pixels given to each class found.
+
+    Raises:
+        UsageError: an unknown ``mode``, a ``scale`` that is not two positive whole numbers, or ``output``
+            among the inputs (before any work).
     """
+    check_sides('scale', scale, 'the (long, short) sides of the resize, e.g. (2048, 512)')
+    check_inference(mode)
     from PIL import Image
     from torchvision.transforms.v2 import functional as TF
     model, classes = loaded.model.to(device), loaded.classes
     palette = torch.tensor(class_colors(len(classes)), dtype=torch.uint8)
 
-    def segment(path, image, stem):
+    def segment(image, files):
         x = TF.pil_to_tensor(image).float().div(255)
         ratio = min(max(scale) / max(x.shape[-2:]), min(scale) / min(x.shape[-2:]))
         size = [max(32, round(s * ratio)) for s in x.shape[-2:]]
@@ -179,11 +228,12 @@ def predict(loaded, inputs: Sequence[str], output: str, scale: Sequence[int] = (
         probabilities = segment_logits(model, inp, x.shape[-2:], mode, MULTI_SCALE_RATIOS if multi_scale else (1.0,),
                                        multi_scale)
         labels = probabilities.argmax(1)[0].cpu()
-        Image.fromarray(labels.to(torch.uint8).numpy()).save(os.path.join(output, f'{stem}.png'))
+        Image.fromarray(labels.to(torch.uint8).numpy()).save(files[0])
         overlay = (0.5 * x * 255 + 0.5 * palette[labels].permute(2, 0, 1).float()).to(torch.uint8)
-        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(os.path.join(output, f'{stem}_overlay.png'))
+        Image.fromarray(overlay.permute(1, 2, 0).numpy()).save(files[1])
         counts = torch.bincount(labels.flatten(), minlength=len(classes))
-        return dict(file=path, classes={classes[i]: round(float(counts[i]) / labels.numel(), 4)
-                                        for i in counts.nonzero().flatten().tolist()})
+        return dict(classes={classes[i]: round(float(counts[i]) / labels.numel(), 4)
+                             for i in counts.nonzero().flatten().tolist()})
 
-    return predict_images(inputs, output, segment, 'classes.json', dict(checkpoint=loaded.source, classes=classes))
+    return predict_images(inputs, output, segment, ('.png', '_overlay.png'), 'classes.json',
+                          dict(checkpoint=loaded.source, classes=classes))
