@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from deformvit.cli import main
 from deformvit.cli.train import add_training_arguments
 from deformvit.tasks import get_task
-from deformvit.training import load_recipe, recipe_names, resolve_config
+from deformvit.training import check_config, load_recipe, recipe_names, resolve_config
 
 FAST = ['--model', 'dat_nano', '--img-size', '32', '--workers', '0', '--set', 'augment=false', '--set', 'mixup=0',
         '--set', 'cutmix=0', '--set', 'drop_path=0', '--set', 'label_smoothing=0', '--set', 'warmup_epochs=0',
@@ -59,6 +59,21 @@ def test_recipes_follow_the_papers_and_every_field_can_be_overridden(tmp_path):
     assert (config['drop_path'], config['mixup'], config['scale']) == (0.3, 0.5, [0.5, 1.0])
     with pytest.raises(ValueError, match='unknown field'):
         resolve_config(parser.parse_args(['--set', 'learning_rate=1']))
+
+
+@pytest.mark.parametrize('recipe, ratio', [('eapt-in1k', 0.05), ('eapt-det-1x', 0.05), ('eapt-seg-upernet-160k', 0.01)])
+def test_eapt_recipes_warm_up_from_the_papers_ratio_of_the_learning_rate(recipe, ratio):
+    fields = load_recipe(recipe)  # EAPT Sec. IV-A: "warmup learning rate is 0.05" (0.01 for segmentation)
+    assert fields['warmup_lr'] / fields['lr_base'] == pytest.approx(ratio)
+    assert fields.get('model', fields.get('backbone')) == 'eapt_small'
+
+
+def test_every_shipped_recipe_passes_the_checks():
+    for name in recipe_names():
+        task = get_task(load_recipe(name).get('task') or 'classify')
+        parser = argparse.ArgumentParser()
+        add_training_arguments(parser, task)
+        check_config(resolve_config(parser.parse_args(['--recipe', name]), task), task)
 
 
 def test_train_help_lists_the_options():

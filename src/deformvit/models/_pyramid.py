@@ -183,10 +183,11 @@ class PyramidBackbone(nn.Module):
         take_indices, max_index = feature_take_indices(len(self.stages), indices)
         stages = self.stages[:max_index + 1] if stop_early else self.stages
         intermediates = []
+        extras = self._stage_inputs(x)
         x = self.stem(x)
         last = len(self.stages) - 1
         for i, stage in enumerate(stages):
-            x = stage(x)
+            x = stage(x, *extras[i])
             if i in take_indices:
                 feat = self.norm(x) if norm and i == last else x
                 intermediates.append(feat.permute(0, 3, 1, 2).contiguous() if output_fmt == 'NCHW' else feat)
@@ -214,8 +215,15 @@ class PyramidBackbone(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, C, H, W)`` images -> normalised last-stage map ``(B, H/32, W/32, C)``."""
         self._check_input(x)
-        x = self.stages(self.stem(x))
+        extras = self._stage_inputs(x)
+        x = self.stem(x)
+        for stage, extra in zip(self.stages, extras):
+            x = stage(x, *extra)
         return self.norm(x)
+
+    def _stage_inputs(self, images: torch.Tensor) -> List[tuple]:
+        """What each stage takes from the input images besides the map (nothing here; EAPT's MCMD amplitudes)."""
+        return [()] * len(self.stages)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.head(x, pre_logits=True) if pre_logits else self.head(x)

@@ -3,14 +3,17 @@
 Paper sections implemented here:
 
 * Sec. III-A, Eq. (1)-(3): Deformable Attention (:class:`DeformableWindowAttention`):
-  attention inside non-overlapping windows whose keys and values are read, by bilinear
-  interpolation, at the window's positions moved by learned, bounded offsets
-  ``(o_x, o_y) = Dense(Conv(W_f))`` and clamped to the map by the boundary kernel C.
+  attention inside non-overlapping windows whose keys and values (``deform='keys_values'``) or
+  whole windows (``deform='window'``) are read, by bilinear interpolation, at the window's
+  positions moved by learned, bounded offsets ``(o_x, o_y) = Dense(Conv(W_f))`` and clamped to
+  the map by the boundary kernel C.
 * Sec. III-B, Eq. (4)-(5), Fig. 3: the En-DeC module (:class:`EnDeC`): channel
-  compression, convolutional encoding to a coarser map and transposed-convolution
-  decoding, added to the attention information for communication among windows.
+  compression, convolutional encoding to the map of windows, then down to one cell
+  (``endec_mode='global'``) and transposed-convolution decoding back, added to the attention
+  information for communication among all windows.
 * Sec. III-C, Eq. (9)-(13): the MCMD position encoding (:class:`deformvit.layers.MCMD`),
-  added to the attention input.
+  added to the attention input, its amplitude ``a_ij`` read from the input image's patches
+  (:func:`patch_means`; ``mcmd_amplitude``).
 * Sec. IV-A, Table II, Table III: the four-stage pyramid (:class:`EAPT`) and the
   ``eapt_small``, ``eapt_medium``, ``eapt_large`` and ``eapt_medium_384`` configurations.
 * Sec. IV-C, Table VII, Table VIII, Fig. 4: every ablation is a constructor argument.
@@ -26,7 +29,7 @@ precision; a model cast to bfloat16 or float16 runs on the CPU too, its bilinear
 float32 (:func:`deformvit.layers.bilinear_grid_sample`).
 """
 import math
-from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -44,7 +47,6 @@ from ..layers import (
     SinusoidalEncoding,
     attention,
     bilinear_grid_sample,
-    deformable_relative_position_bias,
     pad_to_multiple,
     resize_relative_position_table,
     window_partition,
@@ -56,10 +58,14 @@ from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
 __all__ = ['EAPT']
 
 POSITION_ENCODINGS = ('mcmd', 'sinusoidal', 'embedding', 'relative', 'floater', 'none')
-# MLP expansion: the paper does not state it; Table III's parameter and FLOP counts each fix it
-# (docs/eapt.md, "MLP ratio")
+# what Deformable Attention reads at the moved positions (docs/eapt.md, "Which features deform")
+DEFORMED_FEATURES = ('keys_values', 'window')
+# MLP expansion: the paper does not state it; each variant's ratio is the one on which the paper's
+# own counts of that variant agree: Table III's parameters and FLOPs for S and M (and Table V's
+# HTC+++ size for M), Table V's HTC+++ sizes for L (docs/eapt.md, "MLP ratio")
 MLP_RATIO_S = 3.5
 MLP_RATIO_M = 4.75
+MLP_RATIO_L = 4.0
 
 
 def _position_grid(height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -102,8 +108,19 @@ class EnDeC(nn.Module):
     linear layer), ``V'' = ConV(V', c'')`` encodes ``V'`` with a ``k x k`` convolution of
     stride ``s`` to an ``H/s x W/s`` map of ``c''`` channels, and ``V''' = DeConV(V'', c')``
     decodes it with the matching transposed convolution back to ``H x W x c'`` (Eq. (5)).
-    Eq. (4)-(5) are convolutions only; no nonlinearity is inserted. Maps that are not a
-    multiple of ``s`` are zero-padded at the bottom/right and the result is cropped.
+
+    ``mode='global'`` (the default) performs the convolution "as many times as needed, and the
+    same rules apply to the decode architecture" (Sec. III-B): one shared ``3 x 3`` convolution
+    of stride 2 (``c'' -> c''``, padding 1) halves the ``H/s x W/s`` map, rounding up, until it
+    is ``1 x 1``, and one shared ``3 x 3`` transposed convolution of stride 2 doubles it back,
+    level by level, to the exact size of the level it mirrors. Every output position then
+    depends on every input position, at any map size and with a fixed parameter count.
+    ``mode='local'`` encodes and decodes once: an output hears from the ``5 x 5`` strides
+    around it only.
+
+    Eq. (4)-(5) are convolutions only; no nonlinearity and no skip connection is inserted. Maps
+    that are not a multiple of ``s`` are zero-padded at the bottom/right and the result is
+    cropped.
 
     Args:
         dim: input channels ``c``.
@@ -111,9 +128,11 @@ class EnDeC(nn.Module):
         encoded: ``c''`` (Table II).
         kernel_size: ``k`` of the encoder and decoder; ``k - s`` must be even and >= 0.
         stride: ``s``.
+        mode: ``'global'`` (encode down to ``1 x 1``) or ``'local'`` (encode once).
     """
+    MODES = ('global', 'local')
 
-    def __init__(self, dim: int, compressed: int, encoded: int, kernel_size: int, stride: int):
+    def __init__(self, dim: int, compressed: int, encoded: int, kernel_size: int, stride: int, mode: str = 'global'):
         super().__init__()
         if stride < 1 or kernel_size < stride or (kernel_size - stride) % 2:
             raise ValueError(f'En-DeC kernel {kernel_size} and stride {stride}: need stride >= 1 and '
@@ -121,10 +140,16 @@ class EnDeC(nn.Module):
         if dim % compressed:
             raise ValueError(f'En-DeC compresses {dim} channels to {compressed}; c must be a multiple of c\' '
                              'so that each compressed channel is added to c / c\' attention channels')
+        if mode not in self.MODES:
+            raise ValueError(f'En-DeC mode {mode!r} is not one of {self.MODES}')
         self.stride = stride
+        self.mode = mode
         padding = (kernel_size - stride) // 2
         self.compress = nn.Linear(dim, compressed)
         self.encode = nn.Conv2d(compressed, encoded, kernel_size, stride, padding)
+        if mode == 'global':  # new names, so that 'local' keeps the state-dict keys of the one-level module
+            self.encode_halving = nn.Conv2d(encoded, encoded, 3, 2, 1)
+            self.decode_doubling = nn.ConvTranspose2d(encoded, encoded, 3, 2, 1)
         self.decode = nn.ConvTranspose2d(encoded, compressed, kernel_size, stride, padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,24 +163,37 @@ class EnDeC(nn.Module):
         pad_h, pad_w = -h % self.stride, -w % self.stride
         if pad_h or pad_w:
             v = F.pad(v, (0, pad_w, 0, pad_h))
-        v = self.decode(self.encode(v))  # V'' (B, c'', H/s, W/s) -> V''' (B, c', H, W)
+        v = self.encode(v)  # V'': (B, c', Hp, Wp) -> (B, c'', Hp/s, Wp/s)
+        if self.mode == 'global':
+            level_sizes = []
+            while v.shape[-2] > 1 or v.shape[-1] > 1:  # a Python loop over static shapes (exports unrolled)
+                level_sizes.append(v.shape[-2:])
+                v = self.encode_halving(v)  # (B, c'', h, w) -> (B, c'', ceil(h/2), ceil(w/2))
+            for size in reversed(level_sizes):
+                v = self.decode_doubling(v, output_size=size)  # (B, c'', ceil(h/2), ceil(w/2)) -> (B, c'', h, w)
+        v = self.decode(v)  # V''': (B, c'', Hp/s, Wp/s) -> (B, c', Hp, Wp)
         return v[:, :, :h, :w].permute(0, 2, 3, 1)
 
 
 class DeformableWindowAttention(nn.Module):
-    """EAPT attention: window attention with deformed keys/values, En-DeC and a position encoding.
+    """EAPT attention: window attention over deformed windows, En-DeC and a position encoding.
 
     For a ``(B, H, W, C)`` input ``f`` (the block's normalised features):
 
     1. ``f <- f + P_f`` with the position encoding ``P`` (Eq. (13)); ``'relative'`` instead
        adds a relative position bias to the logits.
-    2. The map is split into ``Wh x Ww`` windows. Queries come from the window positions
-       ``(l_y, l_x)``. Each position gets an offset from :class:`WindowOffsetNetwork`
-       (``|o| <= b``), the moved position ``L = l + o`` (Eq. (1)) is clamped into the map by
-       the boundary kernel C (Eq. (2)), and the window's keys and values are projected from
-       the features read there by bilinear interpolation (Eq. (3)). A window still has
-       ``Wh * Ww`` keys, so attention costs what plain window attention costs.
-    3. Attention inside each window, Eq. (6) / (13).
+    2. The map is split into ``Wh x Ww`` windows. Each window position ``(l_y, l_x)`` gets an
+       offset from :class:`WindowOffsetNetwork` (``|o| <= b``), the moved position
+       ``L = l + o`` (Eq. (1)) is clamped into the map by the boundary kernel C (Eq. (2)), and
+       the features there are read by bilinear interpolation (Eq. (3)). With
+       ``deform='keys_values'`` the window's keys and values are projected from these reads
+       and its queries from the window positions; with ``deform='window'`` the whole window
+       moves: queries, keys and values are all projected from the one read, and the output of
+       the query read at ``C(l + o)`` is written back at ``l``. Either way a window has
+       ``Wh * Ww`` queries and keys, so attention costs what plain window attention costs.
+    3. Attention inside each window, Eq. (6) / (13). Keys whose window position ``l`` is
+       padding are masked; a relative position bias is read at the difference of the query's
+       and the key's positions (moved ones where they moved).
     4. The En-DeC output (``c'`` channels, Eq. (4)-(5)) is added to the attention
        information: compressed channel ``g`` to attention channels ``[g c/c', (g+1) c/c')``,
        before the output projection.
@@ -167,6 +205,9 @@ class DeformableWindowAttention(nn.Module):
         broaden_size: offset bound ``b`` in positions (Fig. 4); 0 turns Deformable Attention
             off (Table VII "Comp.1 -"), leaving plain window attention.
         offset_kernel_size: ``k`` of the offset network's convolution.
+        deform: which features are read at the moved positions, one of
+            :data:`DEFORMED_FEATURES`: ``'keys_values'`` (queries stay on the window grid) or
+            ``'window'`` (queries, keys and values); see ``docs/eapt.md``.
         position_encoding: one of :data:`POSITION_ENCODINGS` (Table VIII; ``'none'`` is
             Table VII "Comp.3 -").
         feature_size: map size learned tables are built for (other sizes resample them).
@@ -175,6 +216,9 @@ class DeformableWindowAttention(nn.Module):
             (Table VII "Comp.2 -").
         endec_kernel_size: En-DeC kernel (default ``3 * window``).
         endec_stride: En-DeC stride (default ``window``).
+        endec_mode: ``'global'`` (encode repeatedly down to one cell, every position reaches every
+            other) or ``'local'`` (encode once, the ``5 x 5`` strides around a position); see
+            :class:`EnDeC`.
         attn_drop: dropout on attention weights.
         proj_drop: dropout after the output projection.
     """
@@ -186,12 +230,14 @@ class DeformableWindowAttention(nn.Module):
             window_size: Union[int, Tuple[int, int]] = 7,
             broaden_size: float = 4.,
             offset_kernel_size: int = 3,
+            deform: str = 'keys_values',
             position_encoding: str = 'mcmd',
             feature_size: Tuple[int, int] = (56, 56),
             mcmd_widths: Tuple[float, float] = (1.0, 2.0),
             endec_channels: Optional[Tuple[int, int]] = None,
             endec_kernel_size: Optional[int] = None,
             endec_stride: Optional[int] = None,
+            endec_mode: str = 'global',
             attn_drop: float = 0.,
             proj_drop: float = 0.,
     ):
@@ -200,16 +246,20 @@ class DeformableWindowAttention(nn.Module):
             raise ValueError(f'{dim} channels do not split into {num_heads} heads')
         if broaden_size < 0:
             raise ValueError(f'broaden_size must be >= 0 (0 turns Deformable Attention off), got {broaden_size}')
+        if deform not in DEFORMED_FEATURES:
+            raise ValueError(f'deform {deform!r} is not one of {DEFORMED_FEATURES} (the features read at the '
+                             'moved positions: keys and values only, or the whole window)')
         if position_encoding not in POSITION_ENCODINGS:
             raise ValueError(f'position_encoding {position_encoding!r} is not one of {POSITION_ENCODINGS}')
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.window_size = to_2tuple(window_size)
         self.broaden_size = float(broaden_size)
+        self.deform = deform
         self.position_encoding = position_encoding
         self.fused_attn = use_fused_attn()
         self.attn_drop = attn_drop
-        self.record_sampling = False  # keep the key positions of the next forward in last_sampling
+        self.record_sampling = False  # keep the moved positions of the next forward in last_sampling
         self.last_sampling: Optional[Tuple[torch.Tensor, 'WindowGeometry']] = None
 
         if position_encoding == 'mcmd':
@@ -223,8 +273,10 @@ class DeformableWindowAttention(nn.Module):
         else:
             self.position = None
         if position_encoding == 'relative':
-            # displacements between a query and a key lie within window - 1 + ceil(b) per axis
-            self.relative_extent = tuple(w - 1 + math.ceil(self.broaden_size) for w in self.window_size)
+            # displacements between a query and a key lie within window - 1 + ceil(b) per axis, or
+            # window - 1 + ceil(2b) when both moved
+            moving_ends = 2 if deform == 'window' else 1
+            self.relative_extent = tuple(w - 1 + math.ceil(moving_ends * self.broaden_size) for w in self.window_size)
             self.rel_pos_table = nn.Parameter(torch.zeros(num_heads, *(2 * r + 1 for r in self.relative_extent)))
             trunc_normal_(self.rel_pos_table, std=.02)
 
@@ -234,7 +286,7 @@ class DeformableWindowAttention(nn.Module):
         if endec_channels is not None:
             window = max(self.window_size)
             self.endec = EnDeC(dim, endec_channels[0], endec_channels[1],
-                               endec_kernel_size or 3 * window, endec_stride or window)
+                               endec_kernel_size or 3 * window, endec_stride or window, endec_mode)
         else:
             self.endec = None
         self.proj = nn.Linear(dim, dim)
@@ -242,14 +294,14 @@ class DeformableWindowAttention(nn.Module):
 
     @property
     def deformable(self) -> bool:
-        """Whether the keys are read at moved positions (False with ``broaden_size`` 0)."""
+        """Whether features are read at moved positions (False with ``broaden_size`` 0)."""
         return self.offset_net is not None
 
     def recorded_points(self) -> Tuple[torch.Tensor, torch.Tensor, Tuple[int, int], bool]:
         """The key positions ``C(l + o)`` recorded by the last forward with ``record_sampling``, on the map.
 
-        Each window position ``l`` reads its key at ``C(l + o)``; the positions are laid back on
-        the stage's map, one group.
+        Each window position ``l`` reads its key and value (with ``deform='window'`` its query
+        too) at ``C(l + o)``; the positions are laid back on the stage's map, one group.
 
         Returns:
             ``(points, reference, feature_size, align_corners)``: ``(B, 1, H, W, 2)`` key positions
@@ -273,7 +325,7 @@ class DeformableWindowAttention(nn.Module):
         return tuple(min(w, s) for w, s in zip(self.window_size, size))
 
     def key_positions(self, windows: torch.Tensor, geometry: 'WindowGeometry') -> torch.Tensor:
-        """Deformed, clamped key positions ``C(l + o)`` of Eq. (1)-(2).
+        """Deformed, clamped key positions ``C(l + o)`` of Eq. (1)-(2) (query positions too with ``deform='window'``).
 
         Args:
             windows: ``(B*nW, Wh, Ww, C)`` window features.
@@ -289,51 +341,58 @@ class DeformableWindowAttention(nn.Module):
         positions = torch.minimum(torch.clamp(base + offsets, min=0.), limit)  # C(l + o), 0-based
         return positions.view(bnw, wh * ww, 2)
 
-    def _relative_bias(self, key_positions: torch.Tensor, geometry: 'WindowGeometry') -> torch.Tensor:
+    def _relative_bias(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:
         """Per-head bias of the query-key displacements, read from the table bilinearly.
 
         Args:
+            query_positions: ``(B*nW, N, 2)`` query positions ``(y, x)`` in map coordinates.
             key_positions: ``(B*nW, N, 2)`` key positions ``(y, x)`` in map coordinates.
-            geometry: the windows' layout over the map.
 
         Returns:
             ``(B*nW, heads, N, N)``.
         """
-        windows = window_partition(_position_grid(*geometry.padded_size, key_positions.device)[None], geometry.window)
-        num_windows, n, _ = windows.shape
-        origins = windows[:, :1]  # top-left position of each window: (nW, 1, 2)
-        queries = windows[0] - origins[0]  # (N, 2) in window coordinates
-        keys = key_positions.view(-1, num_windows, n, 2) - origins[None]
-        # deformable_relative_position_bias reads the table at half the difference of its
-        # arguments; scaling by 2 / extent puts a displacement of `extent` at the table edge
-        scale = 2 / torch.tensor(self.relative_extent, device=key_positions.device, dtype=torch.float32)
-        return deformable_relative_position_bias(self.rel_pos_table, queries * scale, (keys * scale).view(-1, n, 2), 1)
+        bnw, n, _ = key_positions.shape
+        extent = torch.tensor(self.relative_extent, device=key_positions.device, dtype=torch.float32)
+        # (B*nW, N, 1, 2) - (B*nW, 1, N, 2) -> (1, B*nW*N, N, 2) in grid_sample's (x, y) order, a
+        # displacement of `extent` at the table edge (one table read for every window, no per-window copy)
+        displacement = ((query_positions[:, :, None] - key_positions[:, None]) / extent).flip(-1).view(1, bnw * n, n, 2)
+        bias = bilinear_grid_sample(self.rel_pos_table[None], displacement, align_corners=True)  # (1, heads, B*nW*N, N)
+        return bias.view(-1, bnw, n, n).transpose(0, 1)
 
-    def _encode(self, x: torch.Tensor, geometry: 'WindowGeometry') -> torch.Tensor:
-        """``f + P_f`` (Eq. (13)) for ``(B*nW, Wh, Ww, C)`` windows; padding stays zero."""
+    def _encode(self, x: torch.Tensor, geometry: 'WindowGeometry',
+                amplitude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``f + P_f`` (Eq. (13)) for ``(B*nW, Wh, Ww, C)`` windows; padding stays zero.
+
+        ``amplitude``: MCMD's ``a_ij`` per position, ``(B*nW, Wh, Ww, 1)``; None: the mean of ``x``.
+        """
         (h, w), c = geometry.size, x.shape[-1]
         table = self.position.table(h, w, c, x.device, x.dtype)  # (H, W, C)
         table = geometry.partition(pad_to_multiple(table[None], geometry.window))  # (nW, Wh, Ww, C)
         windows = x.unflatten(0, (-1, table.shape[0]))  # (B, nW, Wh, Ww, C)
         if self.position.data_driven:  # MCMD: f + a_ij (G_x + G_y), with a_ij of Eq. (12)
-            return torch.addcmul(windows, windows.mean(dim=-1, keepdim=True), table).flatten(0, 1)
+            amplitude = windows.mean(dim=-1, keepdim=True) if amplitude is None else amplitude.view(
+                windows.shape[:-1] + (1,))
+            return torch.addcmul(windows, amplitude, table).flatten(0, 1)
         return (windows + table).flatten(0, 1)
 
-    def forward(self, x: torch.Tensor, geometry: 'WindowGeometry') -> torch.Tensor:
-        """``(B*nW, Wh, Ww, C)`` windows of a map laid out by ``geometry`` -> the same shape."""
+    def forward(self, x: torch.Tensor, geometry: 'WindowGeometry',
+                amplitude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B*nW, Wh, Ww, C)`` windows of a map laid out by ``geometry`` -> the same shape.
+
+        ``amplitude``: MCMD's ``a_ij`` per position, ``(B*nW, Wh, Ww, 1)`` (:class:`EAPTBlock` says where
+        it comes from); None: the mean of ``x`` over its channels.
+        """
         bnw, wh, ww, c = x.shape
         heads, d, n = self.num_heads, self.head_dim, wh * ww
         num_windows = geometry.num_windows
         if geometry.is_padded:  # padding reads as zeros, as if padded after the norm
             x = (x.unflatten(0, (-1, num_windows)) * geometry.valid_mask(x.device, x.dtype)).flatten(0, 1)
         if self.position is not None:
-            x = self._encode(x, geometry)
+            x = self._encode(x, geometry, amplitude)
 
-        q = self.q(x).view(bnw, n, heads, d).transpose(1, 2)  # (B*nW, heads, N, d)
-        positions = None
-        if self.offset_net is None:
-            keys = x.view(bnw, n, c)
-        else:
+        positions = None  # C(l + o), where `moved` is read
+        moved = x.view(bnw, n, c)  # the features keys and values (and with deform='window' queries) come from
+        if self.offset_net is not None:
             positions = self.key_positions(x, geometry)  # (B*nW, N, 2)
             if self.record_sampling:
                 self.last_sampling = (positions.detach().unflatten(0, (-1, num_windows)), geometry)
@@ -342,20 +401,24 @@ class DeformableWindowAttention(nn.Module):
             spatial = geometry.reverse(x)[:, :h, :w].permute(0, 3, 1, 2)  # (B, C, H, W), channels-last memory
             scale = torch.tensor([max(h - 1, 1), max(w - 1, 1)], device=x.device, dtype=torch.float32)
             grid = (positions / scale * 2 - 1).flip(-1).view(-1, num_windows, n, 2)  # float32, (x, y) order
-            keys = bilinear_grid_sample(spatial, grid, align_corners=True)  # (B, C, nW, N)
-            keys = keys.permute(0, 2, 3, 1).reshape(bnw, n, c)
+            moved = bilinear_grid_sample(spatial, grid, align_corners=True)  # (B, C, nW, N)
+            moved = moved.permute(0, 2, 3, 1).reshape(bnw, n, c)
+        # the query read at C(l + o) answers for l: the output stays on the window grid
+        queries = moved if self.deform == 'window' else x.view(bnw, n, c)
+        q = self.q(queries).view(bnw, n, heads, d).transpose(1, 2)  # (B*nW, N, C) -> (B*nW, heads, N, d)
         # (B*nW, N, 2C) -> 2 x (B*nW, heads, N, d)
-        k, v = self.kv(keys).view(bnw, n, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+        k, v = self.kv(moved).view(bnw, n, 2, heads, d).permute(2, 0, 3, 1, 4).unbind(0)
 
         bias = None
         if geometry.is_padded:  # keys on padding are kept out of attention
             mask = window_region_mask(geometry.padded_size, geometry.size, geometry.window, (0, 0), x.device)
             bias = mask.to(q.dtype).repeat(bnw // num_windows, 1, 1)[:, None]  # (B*nW, 1, N, N)
         if self.position_encoding == 'relative':
-            if positions is None:
-                positions = window_partition(_position_grid(*geometry.padded_size, x.device)[None], geometry.window)
-                positions = positions.repeat(bnw // num_windows, 1, 1)
-            relative = self._relative_bias(positions, geometry).to(q.dtype)
+            window_grid = window_partition(_position_grid(*geometry.padded_size, x.device)[None], geometry.window)
+            window_grid = window_grid.repeat(bnw // num_windows, 1, 1)  # l: (nW, N, 2) -> (B*nW, N, 2)
+            key_at = window_grid if positions is None else positions
+            query_at = key_at if self.deform == 'window' else window_grid
+            relative = self._relative_bias(query_at, key_at).to(q.dtype)
             bias = relative if bias is None else bias + relative
 
         out = attention(q, k, v, bias, self.attn_drop if self.training else 0., self.fused_attn)
@@ -411,11 +474,44 @@ class WindowGeometry(NamedTuple):
         return self.partition(valid)
 
 
-class EAPTBlock(PreNormBlock):
-    """Pre-norm block (Table II) over a stage's windows: attention and MLP with residuals."""
+# where MCMD's amplitude a_ij (Eq. (12)) is read: docs/eapt.md, "MCMD amplitude"
+MCMD_AMPLITUDES = ('patches', 'input', 'normed')
 
-    def forward(self, x: torch.Tensor, geometry: WindowGeometry) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x), geometry))
+
+def patch_means(images: torch.Tensor, stride: int) -> torch.Tensor:
+    """The mean of each ``stride x stride`` patch of ``(B, C, H, W)`` images over its pixels and channels.
+
+    Patches follow the stem and patch merging, which pad the bottom/right of a map that is not a
+    multiple of the stride: a patch that overhangs the image averages its real pixels only.
+
+    Returns:
+        ``(B, ceil(H / stride), ceil(W / stride), 1)``: Eq. (12)'s ``a_ij`` of the stage of that stride.
+    """
+    h, w = images.shape[-2:]
+    pad = (0, -w % stride, 0, -h % stride)
+    sums = F.avg_pool2d(F.pad(images.mean(1, keepdim=True), pad), stride)
+    share = F.avg_pool2d(F.pad(images.new_ones(1, 1, h, w), pad), stride)  # real pixels per patch / stride^2
+    return (sums / share).permute(0, 2, 3, 1)
+
+
+class EAPTBlock(PreNormBlock):
+    """Pre-norm block (Table II) over a stage's windows: attention and MLP with residuals.
+
+    ``amplitude`` says where MCMD's ``a_ij`` comes from (:data:`MCMD_AMPLITUDES`): ``'patches'``,
+    the input image's patches the stage gives; ``'input'``, the mean of the block's input (the
+    residual stream); ``'normed'``, the mean of the attention input ``norm1(x)``.
+    """
+
+    amplitude: str = 'patches'
+
+    def forward(self, x: torch.Tensor, geometry: WindowGeometry,
+                patch_amplitude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        amplitude = None  # 'normed': the attention takes the mean of its own input
+        if self.amplitude == 'input':
+            amplitude = x.mean(-1, keepdim=True)
+        elif self.amplitude == 'patches':
+            amplitude = patch_amplitude
+        x = x + self.drop_path1(self.attn(self.norm1(x), geometry, amplitude))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
 
@@ -433,6 +529,7 @@ class EAPTStage(nn.Module):
         attn_kwargs: arguments of :class:`DeformableWindowAttention` shared by the blocks.
         mlp_ratio, proj_drop: block settings.
         drop_path: one stochastic depth rate per block.
+        mcmd_amplitude: where the blocks read MCMD's amplitude (:class:`EAPTBlock`).
     """
 
     def __init__(
@@ -445,26 +542,37 @@ class EAPTStage(nn.Module):
             mlp_ratio: float,
             proj_drop: float,
             drop_path: Sequence[float],
+            mcmd_amplitude: str = 'patches',
     ):
         super().__init__()
+        if mcmd_amplitude not in MCMD_AMPLITUDES:
+            raise ValueError(f'mcmd_amplitude {mcmd_amplitude!r} is not one of {MCMD_AMPLITUDES}')
         self.grad_checkpointing = False
         self.downsample = PatchMerging(dim_in, dim) if downsample else nn.Identity()
         self.blocks = nn.Sequential(*[
             EAPTBlock(dim, DeformableWindowAttention(dim, **attn_kwargs), mlp_ratio, proj_drop, drop_path[i])
             for i in range(depth)
         ])
+        for block in self.blocks:
+            block.amplitude = mcmd_amplitude
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, H, W, C_in)`` -> ``(B, H', W', C)``; the blocks run on windows partitioned once."""
+    def forward(self, x: torch.Tensor, patch_amplitude: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``(B, H, W, C_in)`` -> ``(B, H', W', C)``; the blocks run on windows partitioned once.
+
+        ``patch_amplitude``: ``(B, H', W', 1)`` MCMD amplitudes of the stage's positions from the
+        image (:func:`patch_means`), for blocks that read them there.
+        """
         x = self.downsample(x)
         _, h, w, _ = x.shape
         geometry = WindowGeometry.of((h, w), self.blocks[0].attn.effective_window((h, w)))
         x = geometry.partition(pad_to_multiple(x, geometry.window))
+        if patch_amplitude is not None:
+            patch_amplitude = geometry.partition(pad_to_multiple(patch_amplitude.to(x.dtype), geometry.window))
         for block in self.blocks:
             if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(block, x, geometry)
+                x = checkpoint(block, x, geometry, patch_amplitude)
             else:
-                x = block(x, geometry)
+                x = block(x, geometry, patch_amplitude)
         x = geometry.reverse(x)
         return x[:, :h, :w].contiguous() if geometry.is_padded else x
 
@@ -489,11 +597,22 @@ class EAPT(PyramidBackbone):
         position_encoding: ``'mcmd'`` (the paper's), ``'sinusoidal'``, ``'embedding'``,
             ``'relative'``, ``'floater'`` (Table VIII) or ``'none'`` (Table VII Comp.3).
         mcmd_widths: ``(c_x, c_y)`` of MCMD in centre spacings.
+        mcmd_amplitude: where MCMD's amplitude ``a_ij`` of Eq. (12) is read (``docs/eapt.md``):
+            ``'patches'`` (the paper's: the mean of the input image's patch under each position),
+            ``'input'`` (the block's input before its LayerNorm) or ``'normed'`` (the attention
+            input, whose per-position mean a LayerNorm starts at zero).
         window_size: attention window, scalar or per stage (7 at 224, 12 at 384).
         offset_kernel_size: kernel of the offset network's convolution.
+        deform: features read at the moved positions: ``'keys_values'`` (queries stay on the
+            window grid, the default) or ``'window'`` (the whole window moves); see
+            ``docs/eapt.md``, "Which features deform".
         endec_kernel_size: En-DeC kernel (default 3 windows), scalar or per stage.
         endec_stride: En-DeC stride (default one window), scalar or per stage.
-        mlp_ratio: MLP expansion (see ``docs/eapt.md``: Table III fixes it per variant).
+        endec_mode: ``'global'`` (the default: En-DeC encodes down to one cell, so every
+            position hears from every other) or ``'local'`` (one encoding, the module before
+            global En-DeC, with its state-dict keys), scalar or per stage; see ``docs/eapt.md``.
+        mlp_ratio: MLP expansion of every block, one number (not stated by the paper; the
+            variants' defaults are fitted to the paper's counts: ``docs/eapt.md``, "MLP ratio").
     """
 
     def __init__(
@@ -510,10 +629,13 @@ class EAPT(PyramidBackbone):
             broaden_size: Union[float, Sequence[float]] = 4.,
             position_encoding: str = 'mcmd',
             mcmd_widths: Tuple[float, float] = (1.0, 2.0),
+            mcmd_amplitude: str = 'patches',
             window_size: Union[int, Sequence[int]] = 7,
             offset_kernel_size: int = 3,
+            deform: str = 'keys_values',
             endec_kernel_size: Union[Optional[int], Sequence[Optional[int]]] = None,
             endec_stride: Union[Optional[int], Sequence[Optional[int]]] = None,
+            endec_mode: Union[str, Sequence[str]] = 'global',
             mlp_ratio: float = 4.,
             patch_size: int = 4,
             drop_rate: float = 0.,
@@ -530,6 +652,7 @@ class EAPT(PyramidBackbone):
         window_size = per_stage(window_size, num_stages, 'window_size')
         endec_kernel_size = per_stage(endec_kernel_size, num_stages, 'endec_kernel_size')
         endec_stride = per_stage(endec_stride, num_stages, 'endec_stride')
+        endec_mode = per_stage(endec_mode, num_stages, 'endec_mode')
 
         super().__init__(img_size, in_chans, num_classes, global_pool, embed_dims, patch_size)
         self.stem = PatchEmbed(
@@ -542,19 +665,31 @@ class EAPT(PyramidBackbone):
                 window_size=window_size[i],
                 broaden_size=broaden_size[i],
                 offset_kernel_size=offset_kernel_size,
+                deform=deform,
                 position_encoding=position_encoding,
                 feature_size=feature_size,
                 mcmd_widths=mcmd_widths,
                 endec_channels=tuple(endec_channels[i]) if use_endec else None,
                 endec_kernel_size=endec_kernel_size[i],
                 endec_stride=endec_stride[i],
+                endec_mode=endec_mode[i],
                 attn_drop=attn_drop_rate,
                 proj_drop=proj_drop_rate,
             )
-            return EAPTStage(dim_in, dim, depths[i], i > 0, attn_kwargs, mlp_ratio, proj_drop_rate, drop_path)
+            return EAPTStage(dim_in, dim, depths[i], i > 0, attn_kwargs, mlp_ratio, proj_drop_rate, drop_path,
+                             mcmd_amplitude)
 
+        if mcmd_amplitude not in MCMD_AMPLITUDES:
+            raise ValueError(f'mcmd_amplitude {mcmd_amplitude!r} is not one of {MCMD_AMPLITUDES}')
+        self.patch_amplitudes = position_encoding == 'mcmd' and mcmd_amplitude == 'patches'
         self._build_stages(depths, drop_path_rate, make_stage)
         self._build_head(drop_rate)
+
+    def _stage_inputs(self, images: torch.Tensor) -> List[tuple]:
+        """Each stage's MCMD amplitudes from the image patches under its positions (with ``'patches'``)."""
+        if not self.patch_amplitudes:
+            return super()._stage_inputs(images)
+        return [(patch_means(images, self.patch_size * 2 ** i),) for i in range(len(self.stages))]
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EAPT) -> Dict[str, torch.Tensor]:
@@ -631,10 +766,10 @@ def eapt_medium(pretrained: bool = False, **kwargs) -> EAPT:
 
 @register_model
 def eapt_large(pretrained: bool = False, **kwargs) -> EAPT:
-    """EAPT-L of Table II (no Table III entry)."""
+    """EAPT-L of Table II (no Table III entry; Table V's HTC+++ sizes imply a 220-230M backbone)."""
     model_args = dict(
         embed_dims=(192, 384, 768, 1536), depths=(3, 3, 16, 3), num_heads=(6, 12, 24, 48),
-        endec_channels=((4, 8), (8, 16), (16, 32), (32, 64)), mlp_ratio=MLP_RATIO_M)
+        endec_channels=((4, 8), (8, 16), (16, 32), (32, 64)), mlp_ratio=MLP_RATIO_L)
     return _create_eapt('eapt_large', pretrained=pretrained, **dict(model_args, **kwargs))
 
 

@@ -37,6 +37,7 @@ class Limit:
         choices: the values allowed, instead of a number.
         optional: None (``null`` in YAML) is allowed too.
         count: a list of values is expected, of this length (0: any length but empty).
+        or_list: one value, or a non-empty list of them (``min_size`` drawn per image).
     """
     low: Optional[float] = None
     high: Optional[float] = None
@@ -46,6 +47,7 @@ class Limit:
     choices: Tuple[str, ...] = ()
     optional: bool = False
     count: Optional[int] = None
+    or_list: bool = False
 
     def _expected_one(self) -> str:
         if self.choices:
@@ -71,6 +73,8 @@ class Limit:
             words = one.replace('a positive integer', 'positive integers').replace('a number', 'numbers') \
                 .replace('an integer', 'integers').replace('a positive number', 'positive numbers')
             one = f'a list of {self.count or "one or more"} {words}'
+        if self.or_list:
+            one += ' or a list of them'
         return one + (' or null' if self.optional else '')
 
     def _accepts_one(self, value: Any) -> bool:
@@ -88,7 +92,9 @@ class Limit:
         """Raise :class:`~deformvit.errors.UsageError` when ``value`` is not what field ``name`` takes."""
         if value is None and self.optional:
             return
-        if self.count is None:
+        if self.or_list and isinstance(value, (list, tuple)):
+            ok = len(value) > 0 and all(self._accepts_one(v) for v in value)
+        elif self.count is None:
             ok = self._accepts_one(value)
         else:
             ok = (isinstance(value, (list, tuple)) and len(value) == self.count if self.count

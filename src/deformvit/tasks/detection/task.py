@@ -45,8 +45,9 @@ class DetectionTask(DenseTask):
     recipes = ('det-digits', 'det-1x')
     collate = staticmethod(collate_detection)
     flags = ('backbone', 'detector')
-    limits = dict(min_size=POSITIVE_INT, max_size=POSITIVE_INT, fpn_channels=POSITIVE_INT, anchor_sizes=Limit(
-        1, integer=True, count=0), representation_size=POSITIVE_INT, hflip=PROBABILITY, eval_batch_size=POSITIVE_INT)
+    limits = dict(min_size=Limit(1, integer=True, or_list=True), max_size=POSITIVE_INT, fpn_channels=POSITIVE_INT,
+                  anchor_sizes=Limit(1, integer=True, count=0), representation_size=POSITIVE_INT, hflip=PROBABILITY,
+                  eval_batch_size=POSITIVE_INT)
     framework_field = 'detector'
     frameworks = DETECTORS
     data_help = 'COCO root (train2017/, val2017/, annotations/instances_*.json)'
