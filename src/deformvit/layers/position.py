@@ -49,7 +49,9 @@ def deformable_relative_position_bias(
 
     Args:
         table: ``(heads, Th, Tw)`` bias table.
-        query_points: ``(Nq, 2)`` query positions ``(y, x)`` in ``[-1, 1]``.
+        query_points: ``(Nq, 2)`` query positions ``(y, x)`` in ``[-1, 1]``, shared by every map, or
+            ``(B * n_groups, Nq, 2)``, one set per map (queries that move, as in EAPT's whole-window
+            deformation).
         key_points: ``(B * n_groups, Nk, 2)`` deformed key positions ``(y, x)``.
         n_groups: offset groups ``G``; heads ``heads / G * g ... `` share group ``g``'s keys.
 
@@ -61,8 +63,9 @@ def deformable_relative_position_bias(
     heads, th, tw = table.shape
     bg, nk, _ = key_points.shape
     batch = bg // n_groups
-    # (Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2), flipped to grid_sample's (x, y) order
-    displacement = (query_points.flip(-1)[None, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
+    queries = query_points if query_points.dim() == 3 else query_points[None]
+    # (1 or B*G, Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2), flipped to grid_sample's (x, y) order
+    displacement = (queries.flip(-1)[:, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
     # (heads, Th, Tw) -> (B*G, heads/G, Th, Tw)
     per_group = table.reshape(n_groups, heads // n_groups, th, tw)
     per_group = per_group.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bg, heads // n_groups, th, tw)

@@ -47,6 +47,7 @@ from ..layers import (
     SinusoidalEncoding,
     attention,
     bilinear_grid_sample,
+    deformable_relative_position_bias,
     pad_to_multiple,
     resize_relative_position_table,
     window_partition,
@@ -351,13 +352,10 @@ class DeformableWindowAttention(nn.Module):
         Returns:
             ``(B*nW, heads, N, N)``.
         """
-        bnw, n, _ = key_positions.shape
-        extent = torch.tensor(self.relative_extent, device=key_positions.device, dtype=torch.float32)
-        # (B*nW, N, 1, 2) - (B*nW, 1, N, 2) -> (1, B*nW*N, N, 2) in grid_sample's (x, y) order, a
-        # displacement of `extent` at the table edge (one table read for every window, no per-window copy)
-        displacement = ((query_positions[:, :, None] - key_positions[:, None]) / extent).flip(-1).view(1, bnw * n, n, 2)
-        bias = bilinear_grid_sample(self.rel_pos_table[None], displacement, align_corners=True)  # (1, heads, B*nW*N, N)
-        return bias.view(-1, bnw, n, n).transpose(0, 1)
+        # deformable_relative_position_bias reads the table at half the difference of its
+        # arguments; scaling by 2 / extent puts a displacement of `extent` at the table edge
+        scale = 2 / torch.tensor(self.relative_extent, device=key_positions.device, dtype=torch.float32)
+        return deformable_relative_position_bias(self.rel_pos_table, query_positions * scale, key_positions * scale, 1)
 
     def _encode(self, x: torch.Tensor, geometry: 'WindowGeometry',
                 amplitude: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -689,7 +687,8 @@ class EAPT(PyramidBackbone):
         """Each stage's MCMD amplitudes from the image patches under its positions (with ``'patches'``)."""
         if not self.patch_amplitudes:
             return super()._stage_inputs(images)
-        return [(patch_means(images, self.patch_size * 2 ** i),) for i in range(len(self.stages))]
+        means = images.mean(1, keepdim=True)  # once per forward; patch_means of one channel pools it
+        return [(patch_means(means, self.patch_size * 2 ** i),) for i in range(len(self.stages))]
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: EAPT) -> Dict[str, torch.Tensor]:

@@ -183,7 +183,8 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
                              'training run (last.safetensors or best.safetensors)')
         name = name or default or infer_dat_variant(load_state_dict_file(path))
         check_model_name(name)
-        _check_classes(path, classifier_outputs(tensor_shapes(path)), model_kwargs)
+        if 'num_classes' in model_kwargs:  # else the model takes the file's count (build_pyramid)
+            _check_classes(path, classifier_outputs(tensor_shapes(path)), model_kwargs)
         network = _with_weights(path, lambda: _create(
             name, pretrained=True, pretrained_cfg_overlay=dict(file=path), **model_kwargs))
         loaded = LoadedModel(network, name, 'classify', None, path, f'weights {os.path.basename(path)}')
