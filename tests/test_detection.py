@@ -91,6 +91,15 @@ def test_multi_scale_training_draws_the_shorter_side_per_image():
     assert model.transform([torch.rand(3, 100, 100)])[0].image_sizes[0] == (128, 128)  # the last at test time
 
 
+def test_channels_last_timm_backbones_give_channels_first_levels_at_any_size():
+    from deformvit.tasks.necks import create_backbone
+    body = create_backbone('swin_tiny_patch4_window7_224')  # built for 224x224, channels-last levels
+    with torch.no_grad():
+        levels = body(torch.rand(1, 3, 192, 320))
+    assert [tuple(level.shape) for level in levels] == [(1, c, 192 // s, 320 // s) for c, s in
+                                                        zip((96, 192, 384, 768), (4, 8, 16, 32))]
+
+
 def test_unknown_detector_and_bad_anchor_count_are_reported():
     with pytest.raises(ValueError, match='unknown detector'):
         build_detector('yolo', 'dat_nano')

@@ -286,6 +286,6 @@ def test_concurrent_calls_generate_once(tmp_path, monkeypatch):
 def test_default_root_is_a_per_user_cache_that_deformvit_cache_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv('DEFORMVIT_CACHE', raising=False)
     monkeypatch.setenv('HOME', str(tmp_path))
-    assert default_scenes_root() == os.path.join(str(tmp_path), '.cache', 'deformvit', 'digit-scenes-v2')
+    assert default_scenes_root() == os.path.join(str(tmp_path), '.cache', 'deformvit', 'digit-scenes-v3')
     monkeypatch.setenv('DEFORMVIT_CACHE', str(tmp_path / 'cache'))
-    assert default_scenes_root() == os.path.join(str(tmp_path / 'cache'), 'digit-scenes-v2')
+    assert default_scenes_root() == os.path.join(str(tmp_path / 'cache'), 'digit-scenes-v3')

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from .common import DatasetError, check_sides, collate_readable, first_few
+from .common import DatasetError, check_sides, collate_readable, first_few, keep_ratio_size, random_int
 from .images import decode_rgb
 
 __all__ = ['ADE20K_CLASSES', 'SPLITS', 'SegmentationFolder', 'SegmentationMetrics', 'collate_segmentation']
@@ -77,17 +77,6 @@ def _coin(probability: float = 0.5) -> bool:
 def _uniform(low: float, high: float) -> float:
     """A float drawn uniformly from [low, high) with torch's global RNG."""
     return low + (high - low) * torch.rand(()).item()
-
-
-def _randint(low: int, high: int) -> int:
-    """An integer drawn uniformly from [low, high] (both included) with torch's global RNG."""
-    return int(torch.randint(low, high + 1, ()).item())
-
-
-def _keep_ratio_size(height: int, width: int, scale: Tuple[int, int]) -> Tuple[int, int]:
-    """The largest ``(height, width)`` of the same aspect that fits long side max(scale), short side min(scale)."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def _files_by_stem(folder: str, extensions: Tuple[str, ...], what: str) -> Dict[str, str]:
@@ -174,7 +163,7 @@ def _photometric_distortion(image: torch.Tensor) -> torch.Tensor:
     if _coin():
         image = _scale_saturation(image, _uniform(*_SATURATION_RANGE)).clamp(0.0, 255.0)
     if _coin():
-        hue_shift = _randint(-_HUE_DELTA, _HUE_DELTA) / _HUE_UNITS_PER_TURN
+        hue_shift = random_int(-_HUE_DELTA, _HUE_DELTA) / _HUE_UNITS_PER_TURN
         image = F.adjust_hue(image / 255.0, hue_shift) * 255.0
     if not contrast_first:
         image = _maybe_contrast(image)
@@ -364,7 +353,7 @@ class SegmentationFolder(Dataset):
         image = image.float()  # (3, H, W) on the 0..255 scale
         if self.train:
             return self._train_pipeline(image, label)
-        size = _keep_ratio_size(image.shape[1], image.shape[2], self.scale)
+        size = keep_ratio_size(image.shape[1], image.shape[2], self.scale)
         image = F.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=False)
         return self._normalize(image), label
 
@@ -395,7 +384,7 @@ class SegmentationFolder(Dataset):
         """Random resize, class-balanced crop, flip, photometric distortion, normalise, pad."""
         ratio = _uniform(*self.ratio_range)
         scale = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
-        size = list(_keep_ratio_size(image.shape[1], image.shape[2], scale))
+        size = list(keep_ratio_size(image.shape[1], image.shape[2], scale))
         image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=False)
         label = F.resize(label[None], size, interpolation=InterpolationMode.NEAREST)[0]
 
@@ -420,8 +409,8 @@ class SegmentationFolder(Dataset):
         height, width = label.shape
         draws = _CROP_TRIES if self.cat_max_ratio < 1.0 else 1
         for _ in range(draws):
-            top = _randint(0, max(height - crop_height, 0))
-            left = _randint(0, max(width - crop_width, 0))
+            top = random_int(0, max(height - crop_height, 0))
+            left = random_int(0, max(width - crop_width, 0))
             window = label[top:top + crop_height, left:left + crop_width]
             counts = torch.bincount(window[window != self.ignore_index])
             counts = counts[counts > 0]

@@ -8,6 +8,12 @@ torchvision's detection models take: a float image in [0, 1], CHW, and a target 
 load time come back as ``None``; ``collate_detection`` drops them from the batch and counts
 them, like ``collate_skipping_corrupt`` does for classification.
 
+With ``semantic_dir`` the targets also hold a semantic map per image, for detectors with a
+semantic branch (Hybrid Task Cascade): single-channel PNGs of class indices as COCO-stuff's
+``stuffthingmaps`` hold them, which ``coco_semantic_dir`` finds next to a COCO root. With
+``crop`` training samples get the resize-then-crop augmentation of Swin Transformer's 3x COCO
+recipe (mmdetection's AutoAugment policy), before the model's own multi-scale resize.
+
 ``to_coco_results`` turns a model's predictions back into COCO result entries and
 ``coco_evaluate`` scores them with pycocotools' ``COCOeval``, returning AP in percent.
 """
@@ -15,25 +21,31 @@ import contextlib
 import io
 import json
 import math
+import numbers
 import os
 from collections import Counter
 from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from pycocotools import mask as coco_mask
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as F
 
-from .common import DatasetError, collate_readable, first_few, path_problem, refuse
+from .common import (DatasetError, collate_readable, first_few, keep_ratio_size, path_problem, random_int,
+                     refuse)
 from .images import decode_rgb
 
-__all__ = ['COCO_SPLIT_NAMES', 'CocoDetection', 'coco_evaluate', 'coco_layout', 'collate_detection',
-           'to_coco_results']
+__all__ = ['COCO_SPLIT_NAMES', 'CocoDetection', 'coco_evaluate', 'coco_layout', 'coco_semantic_dir',
+           'collate_detection', 'to_coco_results']
 
 COCO_SPLIT_NAMES = {'train': ('train2017', 'train'), 'val': ('val2017', 'val')}
 MIN_BOX_SIDE = 1.0  # boxes narrower or lower than this many pixels after clipping are dropped
+STUFF_FOLDER = 'stuffthingmaps'  # folder of a COCO root holding the semantic maps, one sub-folder per split
 
 _REQUIRED_FIELDS = {
     'images': ('image', ('id', 'file_name', 'width', 'height')),
@@ -98,6 +110,29 @@ def coco_layout(root: str, splits: Sequence[str] = ('train', 'val')) -> Dict[str
             f'root/<split>/<images> and root/annotations/instances_<split>.json; check the path or '
             f'rename the folders')
     return layout
+
+
+def coco_semantic_dir(root: str, split: str) -> Optional[str]:
+    """The folder of a split's semantic maps in a COCO root, as COCO-stuff lays them out, if there is one.
+
+    The maps of a split whose images are in ``root/<name>/`` (the folder ``coco_layout`` picks,
+    e.g. ``train2017`` or ``train``) are looked for in ``root/stuffthingmaps/<name>/``, where
+    COCO-stuff's ``stuffthingmaps_trainval2017`` archive puts them once extracted and renamed.
+
+    Args:
+        root: the dataset root.
+        split: a key of ``COCO_SPLIT_NAMES``.
+
+    Returns:
+        ``root/stuffthingmaps/<name>`` when it is a folder, else None.
+
+    Raises:
+        ValueError: ``split`` is not a key of ``COCO_SPLIT_NAMES``.
+        DatasetError: the root lacks the split itself (see ``coco_layout``).
+    """
+    images_dir, _ = coco_layout(root, (split,))[split]
+    semantic_dir = os.path.join(os.fspath(root), STUFF_FOLDER, os.path.basename(images_dir))
+    return semantic_dir if os.path.isdir(semantic_dir) else None
 
 
 def _read_annotation_json(path: str) -> Dict[str, Any]:
@@ -186,6 +221,59 @@ def _clip_box(bbox: Sequence[float], width: int, height: int) -> Tuple[float, fl
             min(max(x + box_width, 0.0), width), min(max(y + box_height, 0.0), height))
 
 
+def _semantic_name(file_name: str) -> str:
+    """The semantic map's path relative to ``semantic_dir``: ``file_name`` with the extension ``.png``."""
+    return os.path.splitext(file_name)[0] + '.png'
+
+
+def _read_semantic(path: str) -> Optional[np.ndarray]:
+    """The class indices of the semantic map PNG at ``path``, (H, W); None when it cannot be decoded.
+
+    A palette (mode ``P``) image gives its palette indices, not the colours they stand for.
+
+    Raises:
+        DatasetError: the file decodes to more than one channel (an RGB rendering, an alpha channel).
+    """
+    try:
+        with Image.open(path) as file:
+            file.load()  # decodes every byte: truncated files raise here
+            mode = file.mode
+            indices = np.array(file)
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError... for broken files
+        return None
+    if indices.ndim != 2:
+        raise DatasetError(
+            f'semantic map {path!r} is a mode {mode} image of shape {indices.shape}; expected a single-channel '
+            f'PNG of class indices (mode L, P or I;16, 255 unlabelled), not a colour rendering; convert it to '
+            f'class indices')
+    return indices
+
+
+def _is_positive_int(value: Any) -> bool:
+    """Whether ``value`` is a whole number above zero (an int or numpy integer, not a bool)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def _checked_crop(crop: float, crop_sizes: Sequence[int], crop_range: Tuple[int, int],
+                  crop_max_size: int) -> Tuple[Tuple[int, ...], Tuple[int, int]]:
+    """``(crop_sizes, crop_range)`` as tuples of ints, after checking every crop argument of ``CocoDetection``."""
+    if not 0.0 <= crop <= 1.0:
+        raise ValueError(f'crop {crop} is outside [0, 1]; expected the probability of the resize-then-crop '
+                         f'augmentation, e.g. 0.5 as in Swin Transformer\'s 3x COCO recipe, or 0 for none')
+    crop_sizes = tuple(crop_sizes)
+    if not crop_sizes or not all(_is_positive_int(size) for size in crop_sizes):
+        raise ValueError(f'crop_sizes {crop_sizes!r} is not a non-empty list of positive integers; expected the '
+                         f'short sides of the resize before the crop, e.g. (400, 500, 600)')
+    crop_range = tuple(crop_range)
+    if len(crop_range) != 2 or not all(_is_positive_int(side) for side in crop_range) or crop_range[0] > crop_range[1]:
+        raise ValueError(f'crop_range {crop_range!r} is not two positive integers (smallest, largest); expected '
+                         f'the range of the crop\'s height and width, e.g. (384, 600)')
+    if not _is_positive_int(crop_max_size):
+        raise ValueError(f'crop_max_size {crop_max_size!r} is not a positive integer; expected the longest side '
+                         f'of the resize before the crop, e.g. 1333')
+    return tuple(int(size) for size in crop_sizes), (int(crop_range[0]), int(crop_range[1]))
+
+
 def _describe_skips(skipped: Dict[str, int]) -> str:
     """``'3 crowd annotations, 1 boxes under 1 px after clipping'``, or ``'nothing'``."""
     return ', '.join(f'{count} {_SKIP_DESCRIPTIONS[key]}' for key, count in skipped.items() if count) or 'nothing'
@@ -218,19 +306,39 @@ class CocoDetection(Dataset):
     ``__getitem__`` returns ``(image, target)``: ``image`` a float32 RGB tensor ``(3, H, W)`` in
     [0, 1]; ``target`` a dict with ``boxes`` float32 ``(N, 4)`` xyxy in pixels, ``labels`` int64
     ``(N,)`` in ``1..K``, ``image_id`` (int), ``area`` float32 ``(N,)``, ``iscrowd`` int64 ``(N,)``
-    (all zero) and, with ``with_masks``, ``masks`` uint8 ``(N, H, W)`` decoded from polygons or
-    RLE. It returns ``None`` when the image file cannot be decoded; use ``collate_detection``
-    as the DataLoader's ``collate_fn``. In training, the image, boxes and masks are flipped
-    left-right together with probability ``hflip``, drawn from torch's global RNG.
+    (all zero), with ``with_masks`` ``masks`` uint8 ``(N, H, W)`` decoded from polygons or RLE,
+    and with ``semantic_dir`` ``semantic`` int64 ``(H, W)``: the class indices of the image's
+    semantic map, 255 where unlabelled. It returns ``None`` when the image file or its semantic
+    map cannot be decoded; use ``collate_detection`` as the DataLoader's ``collate_fn``.
+
+    In training, with probability ``crop``, the sample is first resized, aspect kept, to a short
+    side drawn from ``crop_sizes`` with the long side at most ``crop_max_size``, then cropped to
+    a height and a width each drawn from ``crop_range`` (at most the resized side) at a random
+    position: the 3x multi-scale-with-crop recipe of Swin Transformer and DAT on COCO. Boxes are
+    scaled, shifted and clipped to the crop, and dropped with their labels, areas and masks when
+    under ``MIN_BOX_SIDE`` pixels wide or high; a kept box's ``area`` is scaled by the resize
+    and by the fraction of the box inside the crop. A crop may keep no box (mmdetection's
+    ``allow_negative_crop``). The image is resized bilinearly, masks and semantic maps with
+    nearest neighbour. Then the image, boxes, masks and semantic map are flipped left-right
+    together with probability ``hflip``. All draws use torch's global RNG; with ``crop=0`` no
+    crop draw is made.
 
     Args:
         images_dir: folder holding the images; ``file_name`` in the JSON is relative to it.
         annotation_file: COCO instances JSON (``instances_<split>.json``).
-        train: draw random horizontal flips, and by default skip images without targets.
+        train: draw random crops and horizontal flips, and by default skip images without targets.
         with_masks: add the instance masks to the targets (Mask R-CNN).
         hflip: probability of a horizontal flip per training sample, in [0, 1].
         skip_empty: leave out images without any usable annotation. Default: ``train``
             (training skips them; evaluation keeps them, as COCO scores every image).
+        semantic_dir: folder of single-channel PNG semantic maps (class indices, 255 unlabelled),
+            one per image at ``file_name`` with the extension ``.png``, sub-folders kept: COCO-stuff's
+            ``stuffthingmaps/<split>`` (see ``coco_semantic_dir``). None: no ``semantic`` in the targets.
+        crop: probability of the resize-then-crop augmentation per training sample, in [0, 1].
+        crop_sizes: short sides of the resize before the crop, one drawn uniformly per sample.
+        crop_range: ``(smallest, largest)`` height and width of the crop, each drawn uniformly
+            (inclusive) and clipped to the resized image.
+        crop_max_size: longest side of the resize before the crop.
 
     Attributes:
         classes: category names, label ``i + 1`` <-> ``classes[i]``.
@@ -241,21 +349,28 @@ class CocoDetection(Dataset):
             ``no_segmentation`` (annotations).
 
     Raises:
-        ValueError: ``hflip`` outside [0, 1].
+        ValueError: ``hflip`` or ``crop`` outside [0, 1]; ``crop_sizes`` empty or not positive
+            integers; ``crop_range`` not two positive integers, smallest first; ``crop_max_size``
+            not a positive integer.
         DatasetError: the folder or file is missing; the file is not JSON or lacks images,
             annotations or categories; records lack required fields, repeat an id or have a
             bbox that is not four finite numbers (NaN, Infinity); annotations refer to unknown
             images or categories; image files named in the JSON are not in ``images_dir``; no
-            image is left. ``__getitem__`` raises it when an image's decoded size differs from
-            the width and height in the JSON.
+            image is left; ``semantic_dir`` is missing or lacks the map of a kept image.
+            ``__getitem__`` raises it when an image's decoded size differs from the width and
+            height in the JSON, or its semantic map has another size or more than one channel.
     """
 
     def __init__(self, images_dir: str, annotation_file: str, train: bool = False,
-                 with_masks: bool = False, hflip: float = 0.5, skip_empty: Optional[bool] = None):
+                 with_masks: bool = False, hflip: float = 0.5, skip_empty: Optional[bool] = None,
+                 semantic_dir: Optional[str] = None, crop: float = 0.0,
+                 crop_sizes: Sequence[int] = (400, 500, 600), crop_range: Tuple[int, int] = (384, 600),
+                 crop_max_size: int = 1333):
         images_dir = os.fspath(images_dir)
         annotation_file = os.fspath(annotation_file)
         if not 0.0 <= hflip <= 1.0:
             raise ValueError(f'hflip {hflip} is outside [0, 1]; expected a flip probability, e.g. 0.5')
+        crop_sizes, crop_range = _checked_crop(crop, crop_sizes, crop_range, crop_max_size)
         for path, folder, expected in (
                 (images_dir, True, f'the folder of the images named in {annotation_file!r}'),
                 (annotation_file, False, 'a COCO instances JSON such as annotations/instances_val2017.json')):
@@ -263,6 +378,14 @@ class CocoDetection(Dataset):
             if problem:
                 raise DatasetError(f'{"images folder" if folder else "annotation file"} {path!r} {problem}; '
                                    f'expected {expected}; check the path')
+        if semantic_dir is not None:
+            semantic_dir = os.fspath(semantic_dir)
+            problem = path_problem(semantic_dir, True)
+            if problem:
+                raise DatasetError(
+                    f'semantic map folder {semantic_dir!r} {problem}; expected a folder of single-channel '
+                    f'PNG class-index maps named like the images, such as COCO-stuff\'s stuffthingmaps/train2017 '
+                    f'(see coco_semantic_dir); check the path, or pass semantic_dir=None')
         dataset = _read_annotation_json(annotation_file)
         _check_records(dataset, annotation_file)
         _check_references(dataset, annotation_file)
@@ -310,6 +433,12 @@ class CocoDetection(Dataset):
                 f'{skipped["no_annotations"]} have no usable annotation (skipped: '
                 f'{_describe_skips(skipped)}); expected at least one image with a non-crowd box '
                 f'of at least {MIN_BOX_SIDE:g} px; check the file, or pass skip_empty=False')
+        if semantic_dir is not None:
+            refuse([_semantic_name(record.file_name) for record in records.values()
+                    if not os.path.isfile(os.path.join(semantic_dir, _semantic_name(record.file_name)))],
+                   f'of the {len(records)} images of {annotation_file!r} have no semantic map in {semantic_dir!r}',
+                   'expected a PNG per image named like its file_name with the extension .png, sub-folders '
+                   'kept (the COCO-stuff stuffthingmaps layout); use the maps made for these images')
 
         coco = COCO()
         coco.dataset = dataset
@@ -324,6 +453,11 @@ class CocoDetection(Dataset):
         self.train = train
         self.with_masks = with_masks
         self.hflip = hflip
+        self.semantic_dir = semantic_dir
+        self.crop = crop
+        self.crop_sizes = crop_sizes
+        self.crop_range = crop_range
+        self.crop_max_size = int(crop_max_size)
         self.ids = list(records)
         self.skipped = skipped
         self._records = records
@@ -350,11 +484,21 @@ class CocoDetection(Dataset):
                 f'{self.annotation_file!r} gives {record.width}x{record.height}; expected the JSON to '
                 f'describe these very files, else its boxes land in the wrong place; use the images '
                 f'the annotations were made for, or regenerate the annotations')
+        semantic = None
+        if self.semantic_dir is not None:
+            semantic_path = os.path.join(self.semantic_dir, _semantic_name(record.file_name))
+            semantic = _read_semantic(semantic_path)  # (H, W) class indices
+            if semantic is None:
+                return None
+            if semantic.shape != (record.height, record.width):
+                raise DatasetError(
+                    f'semantic map {semantic_path!r} is {semantic.shape[1]}x{semantic.shape[0]} (width x height) '
+                    f'but its image {path!r} is {record.width}x{record.height}; expected the map at the '
+                    f'resolution of its image; use the maps made for these images')
         image = torch.from_numpy(np.array(pil_image)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         image = image.float().div_(255.0)
-        boxes = torch.tensor(record.boxes)
         target = {
-            'boxes': boxes,
+            'boxes': torch.tensor(record.boxes),
             'labels': torch.tensor(record.labels),
             'image_id': image_id,
             'area': torch.tensor(record.areas),
@@ -364,14 +508,56 @@ class CocoDetection(Dataset):
             masks = [self.coco.annToMask(ann) for ann in record.annotations]  # N x (H, W) uint8
             target['masks'] = (torch.from_numpy(np.stack(masks)) if masks
                                else torch.zeros((0, record.height, record.width), dtype=torch.uint8))
+        if semantic is not None:
+            target['semantic'] = torch.from_numpy(semantic.astype(np.int64))
+        if self.train and self.crop > 0.0 and torch.rand(()).item() < self.crop:
+            image, target = self._resize_and_crop(image, target)
         if self.train and torch.rand(()).item() < self.hflip:
             image = image.flip(-1)
+            width = image.shape[-1]
+            boxes = target['boxes']
             # pixels [x1, x2) of a width-W image land on [W - x2, W - x1)
-            target['boxes'] = torch.stack([record.width - boxes[:, 2], boxes[:, 1],
-                                           record.width - boxes[:, 0], boxes[:, 3]], dim=1)
-            if self.with_masks:
-                target['masks'] = target['masks'].flip(-1)
+            target['boxes'] = torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+            for key in ('masks', 'semantic'):
+                if key in target:
+                    target[key] = target[key].flip(-1)
         return image, target
+
+    def _resize_and_crop(self, image: torch.Tensor, target: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """The resize-then-crop of Swin Transformer's 3x recipe, applied to an image and its target (see the class).
+
+        Draws, in order: the short side, the crop's height, its width, its top, its left.
+        """
+        height, width = image.shape[-2:]
+        short_side = self.crop_sizes[random_int(0, len(self.crop_sizes) - 1)]
+        resized_height, resized_width = keep_ratio_size(height, width, (short_side, self.crop_max_size))
+        smallest, largest = self.crop_range
+        crop_height = random_int(min(smallest, resized_height), min(largest, resized_height))
+        crop_width = random_int(min(smallest, resized_width), min(largest, resized_width))
+        top = random_int(0, resized_height - crop_height)
+        left = random_int(0, resized_width - crop_width)
+        rows, columns = slice(top, top + crop_height), slice(left, left + crop_width)
+        size = [resized_height, resized_width]
+
+        image = F.resize(image, size, interpolation=InterpolationMode.BILINEAR, antialias=False)[:, rows, columns]
+        scale = torch.tensor([resized_width / width, resized_height / height] * 2, dtype=torch.float32)
+        offset = torch.tensor([left, top] * 2, dtype=torch.float32)
+        limit = torch.tensor([crop_width, crop_height] * 2, dtype=torch.float32)
+        scaled = target['boxes'] * scale  # (N, 4) xyxy in the resized image
+        boxes = torch.minimum((scaled - offset).clamp(min=0.0), limit)  # (N, 4) xyxy in the crop
+        sides = boxes[:, 2:] - boxes[:, :2]  # (N, 2) width, height
+        keep = (sides >= MIN_BOX_SIDE).all(dim=1)
+        inside = sides.prod(dim=1) / (scaled[:, 2:] - scaled[:, :2]).prod(dim=1)  # fraction of each box kept
+        cropped = dict(target, boxes=boxes[keep], labels=target['labels'][keep],
+                       area=(target['area'] * scale[0] * scale[1] * inside)[keep], iscrowd=target['iscrowd'][keep])
+        if 'masks' in target:
+            masks = target['masks'][keep]  # (N', H, W)
+            cropped['masks'] = (F.resize(masks, size, interpolation=InterpolationMode.NEAREST)[:, rows, columns]
+                                if len(masks) else torch.zeros((0, crop_height, crop_width), dtype=torch.uint8))
+        if 'semantic' in target:
+            semantic = F.resize(target['semantic'][None], size, interpolation=InterpolationMode.NEAREST)[0]
+            cropped['semantic'] = semantic[rows, columns]
+        return image, cropped
 
 
 def collate_detection(

@@ -2,6 +2,7 @@
 import os
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
+import torch
 from PIL import Image
 
 from ..errors import UsageError
@@ -9,7 +10,7 @@ from .images import try_decode_rgb
 
 __all__ = [
     'IMAGE_EXTENSIONS', 'DatasetError', 'check_sides', 'collate_readable', 'find_images', 'first_few', 'image_files',
-    'iter_images', 'path_problem', 'refuse',
+    'iter_images', 'keep_ratio_size', 'path_problem', 'random_int', 'refuse',
 ]
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.tif', '.tiff', '.webp')
@@ -124,3 +125,15 @@ def iter_images(inputs: Sequence[str]) -> Iterator[Tuple[str, Optional[Image.Ima
     """
     for path in image_files(inputs):
         yield (path, *try_decode_rgb(path))
+
+
+def random_int(low: int, high: int) -> int:
+    """An integer drawn uniformly from [low, high] (both included) with torch's global RNG."""
+    return int(torch.randint(low, high + 1, ()).item())
+
+
+def keep_ratio_size(height: int, width: int, scale: Tuple[int, int]) -> Tuple[int, int]:
+    """The largest ``(height, width)`` of the same aspect whose long side is at most max(scale) and short side
+    at most min(scale) (mmcv's ``rescale`` rule, sides rounded half up)."""
+    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
+    return int(height * factor + 0.5), int(width * factor + 0.5)

@@ -11,7 +11,11 @@ digits.
 
 * COCO instances (``coco/{train,val}/*.png`` and ``coco/annotations/instances_{train,val}.json``)
   with categories 1..10 named ``'0'``..``'9'``, tight boxes and compressed-RLE masks; each
-  annotation also carries ``mnist_index``, the index of its source digit among the 5,000.
+  annotation also carries ``mnist_index``, the index of its source digit among the 5,000. Beside
+  them, single-channel semantic maps in COCO-stuff's layout (``coco/stuffthingmaps/{train,val}/*.png``,
+  same names as the images), for the semantic branch of Hybrid Task Cascade: 0 is background, a
+  digit's pixels hold its category id (digit ``d`` is ``d + 1``) and its anti-aliased rim is
+  255, ignored.
 * ADE20K (``ade/images/{training,validation}/*.png`` and single-channel
   ``ade/annotations/{training,validation}/*.png``, plus ``ade/classes.txt``): 0 is ignored,
   background is 1 and every digit is 2 (``'digit'``); the anti-aliased rim of a digit is
@@ -20,7 +24,8 @@ digits.
   COCO layout keeps the digit identities for the detectors, whose RoI heads see whole digits.
 
 A digit's coverage is its MNIST intensity / 255 after a bilinear resize; its instance mask is
-coverage >= 0.5, and pixels with coverage strictly between 0.1 and 0.5 are the ignored rim.
+coverage >= 0.5, and pixels with coverage strictly between 0.1 and 0.5 are the ignored rim, in
+the ADE annotations and the COCO semantic maps alike.
 Digits are placed so that their squares never overlap, so masks and rims never touch.
 """
 import contextlib
@@ -39,12 +44,14 @@ from .digits import DigitsDataset
 __all__ = ['ADE_CLASSES', 'default_scenes_root', 'write_digit_scenes']
 
 ADE_CLASSES = ['background', 'digit']
-FORMAT_VERSION = 2  # bump when the scenes or the layout change, so old caches are not reused
+FORMAT_VERSION = 3  # bump when the scenes or the layout change, so old caches are not reused
 STAMP_NAME = '.complete.json'
 
 MIN_DIGIT_SIZE = 8  # below this MNIST strokes rarely reach 0.5 coverage and masks vanish
 MASK_COVERAGE = 0.5
 IGNORE_COVERAGE = 0.1
+SEMANTIC_IGNORE = 255  # value of the ignored rim in the COCO semantic maps, COCO-stuff's "unlabelled"
+SEMANTIC_FOLDER = 'stuffthingmaps'  # folder of the COCO semantic maps, as COCO-stuff names it
 MIN_LUMINANCE_CONTRAST = 0.35
 NOISE_STD = 0.03
 COLOUR_TRIES = 10
@@ -198,20 +205,22 @@ def _write_scenes(folder: str, parameters: dict) -> None:
     os.makedirs(os.path.join(coco_root, 'annotations'))
     for split, coco_split, ade_split, stream in _SPLITS:
         coco_folder = os.path.join(coco_root, coco_split)
+        semantic_folder = os.path.join(coco_root, SEMANTIC_FOLDER, coco_split)
         ade_image_folder = os.path.join(ade_root, 'images', ade_split)
         label_folder = os.path.join(ade_root, 'annotations', ade_split)
-        for created in (coco_folder, ade_image_folder, label_folder):
+        for created in (coco_folder, semantic_folder, ade_image_folder, label_folder):
             os.makedirs(created)
         digits = DigitsDataset(split)
         images, annotations = [], []
         for image_id in range(1, parameters[f'n_{split}'] + 1):
             rng = np.random.default_rng([parameters['seed'], stream, image_id])
-            rgb, label_map, instances = _compose_scene(rng, digits, parameters)
+            rgb, label_map, semantic_map, instances = _compose_scene(rng, digits, parameters)
             file_name = f'{image_id:06d}.png'
             coco_path = os.path.join(coco_folder, file_name)
             Image.fromarray(rgb).save(coco_path, compress_level=1)  # noisy pixels: speed over size
             _link_or_copy(coco_path, os.path.join(ade_image_folder, file_name))
             Image.fromarray(label_map).save(os.path.join(label_folder, file_name))
+            Image.fromarray(semantic_map).save(os.path.join(semantic_folder, file_name))
             images.append(dict(id=image_id, file_name=file_name, width=parameters['size'],
                                height=parameters['size']))
             for instance in instances:
@@ -241,8 +250,9 @@ def _link_or_copy(source: str, destination: str) -> None:
 
 
 def _compose_scene(rng: np.random.Generator, digits: DigitsDataset,
-                   parameters: dict) -> Tuple[np.ndarray, np.ndarray, List[dict]]:
-    """One scene: ``(rgb (S, S, 3) uint8, ADE label map (S, S) uint8, COCO annotations)``.
+                   parameters: dict) -> Tuple[np.ndarray, np.ndarray, np.ndarray, List[dict]]:
+    """One scene: ``(rgb (S, S, 3) uint8, ADE label map (S, S) uint8, COCO semantic map (S, S) uint8,
+    COCO annotations)``.
 
     The annotations lack ``id`` and ``image_id``; they carry ``mnist_index``.
     """
@@ -250,6 +260,7 @@ def _compose_scene(rng: np.random.Generator, digits: DigitsDataset,
     smallest, largest = parameters['digit_sizes']
     canvas = _background(rng, size)
     label_map = np.ones((size, size), np.uint8)
+    semantic_map = np.zeros((size, size), np.uint8)
     placed: List[Tuple[int, int, int]] = []  # (top, left, side) of the digit squares
     instances = []
     for _ in range(rng.integers(1, parameters['max_digits'] + 1)):
@@ -269,8 +280,11 @@ def _compose_scene(rng: np.random.Generator, digits: DigitsDataset,
         colour = _contrasting_colour(rng, canvas[window].mean((0, 1)))
         alpha = coverage[:, :, None]  # (side, side) -> (side, side, 1)
         canvas[window] = canvas[window] * (1.0 - alpha) + colour * alpha
+        rim = (coverage > IGNORE_COVERAGE) & ~mask
         label_map[window][mask] = 2
-        label_map[window][(coverage > IGNORE_COVERAGE) & ~mask] = 0
+        label_map[window][rim] = 0
+        semantic_map[window][mask] = digit + 1
+        semantic_map[window][rim] = SEMANTIC_IGNORE
 
         full_mask = np.zeros((size, size), np.uint8)
         full_mask[window] = mask
@@ -287,7 +301,7 @@ def _compose_scene(rng: np.random.Generator, digits: DigitsDataset,
             mnist_index=int(digits.indices[digit_index]),
         ))
     rgb = np.round(canvas * 255.0).astype(np.uint8)
-    return rgb, label_map, instances
+    return rgb, label_map, semantic_map, instances
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:

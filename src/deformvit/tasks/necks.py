@@ -17,7 +17,7 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-__all__ = ['PyramidFeatures', 'create_backbone', 'input_normalisation']
+__all__ = ['ChannelsFirst', 'PyramidFeatures', 'create_backbone', 'input_normalisation']
 
 
 def input_normalisation(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -46,6 +46,10 @@ def create_backbone(
         drop_path_rate: stochastic depth of the backbone.
         kwargs: further model arguments.
 
+    Detection and segmentation images come in any size: a timm model built for one input size
+    (Swin Transformer's ``strict_img_size``) is built to take any, and a model whose levels are
+    channels-last (Swin's) is wrapped to give them channels-first, as every model of deformvit does.
+
     Raises:
         ValueError: the model has no feature level at one of ``strides``.
     """
@@ -53,16 +57,41 @@ def create_backbone(
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
     if drop_path_rate:
         kwargs['drop_path_rate'] = drop_path_rate
-    model = timm.create_model(name, features_only=True, **kwargs)
+    model = _features(name, **kwargs)
     reductions = model.feature_info.reduction()
     missing = [s for s in strides if s not in reductions]
     if missing:
         raise ValueError(f'{name} has feature levels at strides {reductions}, none at {missing}; expected a '
                          f'pyramid backbone with levels at strides {list(strides)}')
-    if reductions == list(strides):
-        return model
-    indices = tuple(len(reductions) - 1 - reductions[::-1].index(s) for s in strides)  # the last level of each stride
-    return timm.create_model(name, features_only=True, out_indices=indices, **kwargs)
+    if reductions != list(strides):
+        indices = tuple(len(reductions) - 1 - reductions[::-1].index(s) for s in strides)  # the last level of each
+        model = _features(name, out_indices=indices, **kwargs)
+    if str(getattr(getattr(model, 'output_fmt', 'NCHW'), 'value', model.output_fmt)) == 'NHWC':
+        return ChannelsFirst(model)
+    return model
+
+
+def _features(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model(name, features_only=True, **kwargs)``, for any input size where the model has the switch."""
+    if 'strict_img_size' not in kwargs:
+        try:
+            return timm.create_model(name, features_only=True, strict_img_size=False, **kwargs)
+        except TypeError as error:  # the model has no such argument: it takes any size already
+            if 'strict_img_size' not in str(error):
+                raise
+    return timm.create_model(name, features_only=True, **kwargs)
+
+
+class ChannelsFirst(nn.Module):
+    """A ``features_only`` model whose (B, H, W, C) levels are returned as (B, C, H, W)."""
+
+    def __init__(self, body: nn.Module):
+        super().__init__()
+        self.body = body
+        self.feature_info = body.feature_info
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return [level.permute(0, 3, 1, 2) for level in self.body(x)]  # (B, H, W, C) -> (B, C, H, W)
 
 
 class PyramidFeatures(nn.Module):

@@ -10,6 +10,8 @@ import torch.nn as nn
 
 from ..base import registered
 from .base import Detector
+from .cascade import CascadeMaskRCNNDetector
+from .htc import HTCDetector, HTCPlusPlusDetector
 from .rcnn import FasterRCNNDetector, MaskRCNNDetector
 from .retinanet import RetinaNetDetector
 
@@ -18,7 +20,10 @@ __all__ = ['DETECTORS', 'Detector', 'build_detector', 'detector_class']
 DETECTORS: Dict[str, Type[Detector]] = {
     'retinanet': RetinaNetDetector,  # DAT Table 3
     'faster_rcnn': FasterRCNNDetector,
-    'mask_rcnn': MaskRCNNDetector,  # DAT Table 4
+    'mask_rcnn': MaskRCNNDetector,  # DAT Table 4a
+    'cascade_mask_rcnn': CascadeMaskRCNNDetector,  # DAT Table 4b, EAPT Table IV
+    'htc': HTCDetector,
+    'htc++': HTCPlusPlusDetector,  # Swin Transformer's HTC++, EAPT Table V (HTC++ / HTC+++)
 }
 
 

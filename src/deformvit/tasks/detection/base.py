@@ -10,11 +10,13 @@ Images go through torchvision's transform: resized so that the shorter side is `
 test time) and the longer at most ``max_size``, normalised with the backbone's mean and std,
 and padded to a multiple of 32. Labels are ``1..num_classes``; 0 is the background.
 """
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+import inspect
+from typing import Callable, Dict, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn as nn
 
+from ...errors import UsageError, closest
 from ..necks import PyramidFeatures, create_backbone, input_normalisation
 
 __all__ = ['Detector']
@@ -37,6 +39,28 @@ class Detector:
     def has_masks(cls) -> bool:
         """Whether the framework predicts instance masks (asked of the class or of a model)."""
         return cls.masks
+
+    @classmethod
+    def options(cls) -> Set[str]:
+        """The names ``detector_kwargs`` may hold: the torchvision detector's own arguments, less those that
+        :meth:`build` sets itself."""
+        detector = next(c for c in cls.__mro__ if c.__module__.startswith('torchvision.'))
+        built = {'self', 'backbone', 'num_classes', 'min_size', 'max_size', 'image_mean', 'image_std', 'kwargs',
+                 'anchor_generator', 'rpn_anchor_generator', 'box_head', 'box_predictor', 'mask_predictor'}
+        return set(inspect.signature(detector.__init__).parameters) - built
+
+    @classmethod
+    def check_options(cls, detector_kwargs: Dict) -> None:
+        """Raise UsageError naming the entries of ``detector_kwargs`` that are not :meth:`options`."""
+        unknown = sorted(set(detector_kwargs) - cls.options())
+        if unknown:
+            raise UsageError(f'{cls.__name__} takes no option {", ".join(unknown)}{closest(unknown[0], cls.options())}'
+                             f'; expected among {", ".join(sorted(cls.options()))}')
+
+    @classmethod
+    def uses_semantic_maps(cls, detector_kwargs: Dict) -> bool:
+        """Whether the framework, built with ``detector_kwargs``, trains on semantic (COCO-stuff) maps."""
+        return False
 
     @classmethod
     def build(
@@ -75,6 +99,7 @@ class Detector:
         Raises:
             ValueError: fewer or more than five anchor sizes.
         """
+        cls.check_options(detector_kwargs)
         if len(anchor_sizes) != 5:
             raise ValueError(f'anchor_sizes has {len(anchor_sizes)} entries; expected one per pyramid level (5)')
         if isinstance(min_size, Sequence):

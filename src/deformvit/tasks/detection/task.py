@@ -6,7 +6,8 @@ Data is COCO-format (an images folder plus an instances JSON; ``--data ROOT`` wi
 same with ``train``/``val``; evaluation needs only the val split). Without ``--data`` a run
 trains on the embedded digit scenes (real MNIST digits composited at several scales, written
 in COCO layout). Metrics are COCO's (pycocotools): box AP, AP50, AP75, APs/APm/APl and, for
-frameworks with masks (Mask R-CNN), mask AP.
+frameworks with masks (Mask R-CNN, Cascade Mask R-CNN, HTC), mask AP. HTC trains its semantic
+branch on COCO-stuff maps in ``ROOT/stuffthingmaps/`` when they are there (the scenes have them).
 """
 import contextlib
 import math
@@ -19,7 +20,8 @@ from torch.utils.data import DataLoader
 
 from ...data import DatasetError
 from ...errors import UsageError
-from ...data.coco import CocoDetection, coco_evaluate, coco_layout, collate_detection, to_coco_results
+from ...data.coco import (CocoDetection, coco_evaluate, coco_layout, coco_semantic_dir, collate_detection,
+                          to_coco_results)
 from ..base import POSITIVE_INT, PROBABILITY, Evaluation, Limit
 from ..dense import DenseTask, class_colors, predict_images, scenes_root
 from . import DETECTORS, build_detector, detector_class
@@ -40,25 +42,38 @@ class DetectionTask(DenseTask):
     command = 'deformvit detect train'
     defaults = dict(
         detector='mask_rcnn', backbone='dat_tiny', min_size=800, max_size=1333, fpn_channels=256,
-        anchor_sizes=[32, 64, 128, 256, 512], representation_size=1024, hflip=0.5, detector_kwargs={},
+        anchor_sizes=[32, 64, 128, 256, 512], representation_size=1024, hflip=0.5, crop=0.0, detector_kwargs={},
         eval_batch_size=2)
     recipes = ('det-digits', 'det-1x')
     collate = staticmethod(collate_detection)
     flags = ('backbone', 'detector')
     limits = dict(min_size=Limit(1, integer=True, or_list=True), max_size=POSITIVE_INT, fpn_channels=POSITIVE_INT,
                   anchor_sizes=Limit(1, integer=True, count=0), representation_size=POSITIVE_INT, hflip=PROBABILITY,
-                  eval_batch_size=POSITIVE_INT)
+                  crop=PROBABILITY, eval_batch_size=POSITIVE_INT)
     framework_field = 'detector'
     frameworks = DETECTORS
     data_help = 'COCO root (train2017/, val2017/, annotations/instances_*.json)'
+
+    def check_config(self, config: Dict) -> None:
+        super().check_config(config)
+        detector_class(config['detector']).check_options(config['detector_kwargs'])
 
     def metrics(self, config: Dict) -> Tuple[str, ...]:
         return _metrics(detector_class(config['detector']).has_masks())
 
     def datasets(self, config: Dict):
-        layout = coco_layout(scenes_root(config['data'], 'coco'))
-        masks = detector_class(config['detector']).has_masks()
-        train = CocoDetection(*layout['train'], train=True, with_masks=masks, hflip=config['hflip'])
+        root = scenes_root(config['data'], 'coco')
+        layout = coco_layout(root)
+        framework = detector_class(config['detector'])
+        masks = framework.has_masks()
+        semantic_dir = None
+        if framework.uses_semantic_maps(config['detector_kwargs']):
+            semantic_dir = coco_semantic_dir(root, 'train')
+            if semantic_dir is None:
+                print(f"{config['detector']}: no semantic maps under {root}/stuffthingmaps/; the semantic branch "
+                      f"trains without its loss", flush=True)
+        train = CocoDetection(*layout['train'], train=True, with_masks=masks, hflip=config['hflip'],
+                              semantic_dir=semantic_dir, crop=config['crop'])
         val = CocoDetection(*layout['val'], train=False, with_masks=masks)
         if val.classes != train.classes:
             raise DatasetError(f'the train and val annotations name different categories: {train.classes[:10]} vs '
