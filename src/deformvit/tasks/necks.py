@@ -66,7 +66,8 @@ def create_backbone(
     if reductions != list(strides):
         indices = tuple(len(reductions) - 1 - reductions[::-1].index(s) for s in strides)  # the last level of each
         model = _features(name, out_indices=indices, **kwargs)
-    if str(getattr(getattr(model, 'output_fmt', 'NCHW'), 'value', model.output_fmt)) == 'NHWC':
+    output_fmt = getattr(model, 'output_fmt', 'NCHW')
+    if getattr(output_fmt, 'value', output_fmt) == 'NHWC':
         return ChannelsFirst(model)
     return model
 

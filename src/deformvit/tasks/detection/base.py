@@ -132,6 +132,14 @@ class Detector:
         """
         raise NotImplementedError
 
+    @staticmethod
+    def _cost_boxes(x: torch.Tensor, proposals: int) -> torch.Tensor:
+        """``proposals`` fixed random boxes (seed 0) inside the image ``x``, the RoIs of :meth:`cost_parts`."""
+        h, w = x.shape[-2:]
+        generator = torch.Generator().manual_seed(0)
+        corners = torch.rand(proposals, 2, 2, generator=generator) * torch.tensor([w, h])
+        return torch.cat([corners.min(1).values, corners.max(1).values], 1).to(x.device, x.dtype)
+
     def _pyramid_parts(self, x: torch.Tensor) -> Tuple[Dict[str, Callable], Dict[str, torch.Tensor]]:
         """The backbone and neck parts of :meth:`cost_parts`, and the pyramid levels the heads read."""
         features: PyramidFeatures = self.backbone

@@ -538,9 +538,7 @@ class CascadeMaskRCNNDetector(Detector, FasterRCNN):
     def cost_parts(self, x: torch.Tensor, proposals: int = 1000, mask_rois: int = 100) -> Dict[str, Callable]:
         parts, pyramid = self._pyramid_parts(x)
         h, w = x.shape[-2:]
-        generator = torch.Generator().manual_seed(0)
-        corners = torch.rand(proposals, 2, 2, generator=generator) * torch.tensor([w, h])
-        boxes = torch.cat([corners.min(1).values, corners.max(1).values], 1).to(x.device, x.dtype)
+        boxes = self._cost_boxes(x, proposals)
 
         def heads() -> None:
             self.rpn.head(list(pyramid.values()))

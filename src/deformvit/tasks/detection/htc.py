@@ -227,10 +227,7 @@ class HTCDetector(CascadeMaskRCNNDetector):
 
     @classmethod
     def cascade_options(cls, kwargs: Dict) -> Dict:
-        options = {k: kwargs.pop(k) for k in ('semantic', 'semantic_classes', 'semantic_loss_weight',
-                                              'global_attention_heads') if k in kwargs}
-        options = dict(super().cascade_options(kwargs), **{k: options.get(k, cls.cascade_defaults[k]) for k in (
-            'semantic', 'semantic_classes', 'semantic_loss_weight', 'global_attention_heads')})
+        options = super().cascade_options(kwargs)  # takes every key of cls.cascade_defaults, HTC's too
         if options['mask_stages'] != 'all':
             raise UsageError(f"HTC has a mask head on every stage; mask_stages {options['mask_stages']!r} "
                              f"is Cascade Mask R-CNN's option")

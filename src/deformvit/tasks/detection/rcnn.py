@@ -40,9 +40,7 @@ class _RCNN(Detector):
         parts, pyramid = self._pyramid_parts(x)
         levels = list(pyramid.values())
         h, w = x.shape[-2:]
-        generator = torch.Generator().manual_seed(0)
-        corners = torch.rand(proposals, 2, 2, generator=generator) * torch.tensor([w, h])
-        boxes = torch.cat([corners.min(1).values, corners.max(1).values], 1).to(x.device, x.dtype)
+        boxes = self._cost_boxes(x, proposals)
         roi_heads = self.roi_heads
 
         def heads() -> None:
