@@ -8,6 +8,7 @@ with every product counted (``fvcore``) and where the MACs are (backbone / neck 
 
     python benchmarks/dense_complexity.py [--backbones dat_tiny eapt_small]
     python benchmarks/dense_complexity.py --cascades      # the Cascade Mask R-CNN and HTC++ rows
+    python benchmarks/dense_complexity.py --table4        # EAPT Table IV: four frameworks x R-50, Swin-T, EAPT-S
 """
 import argparse
 import sys
@@ -16,6 +17,7 @@ import torch
 
 from deformvit.tasks import DETECTORS, build_detector, build_segmentor
 from deformvit.tools.complexity import count_parameters, framework_macs
+from deformvit.tools.paper import EAPT_TABLE_IV
 
 # (backbone, framework): (GMACs, M params, source) as printed in the papers
 PAPER = {
@@ -33,6 +35,9 @@ PAPER = {
     ('swin_base_patch4_window7_224', 'htc++'): (1043, 160, 'EAPT Table V (Swin-B HTC++)'),
     ('eapt_medium', 'htc++'): (1183, 182, 'EAPT Table V (EAPT-M HTC+++)'),
 }
+PAPER.update({(backbone, detector): (row['flops'], row['params'], 'EAPT Table IV')
+              for (detector, backbone), row in EAPT_TABLE_IV.items() if (backbone, detector) not in PAPER})
+TABLE_IV_ROWS = [(backbone, detector) for detector, backbone in EAPT_TABLE_IV]
 CASCADE_ROWS = [(backbone, framework) for backbone, framework in PAPER if framework in ('cascade_mask_rcnn', 'htc++')]
 
 
@@ -54,8 +59,12 @@ def main(argv=None):
     parser.add_argument('--frameworks', nargs='+', default=['retinanet', 'mask_rcnn', 'semantic_fpn', 'upernet'])
     parser.add_argument('--cascades', action='store_true',
                         help='the Cascade Mask R-CNN and HTC++ rows of DAT Table 4b and EAPT Tables IV-V instead')
+    parser.add_argument('--table4', action='store_true',
+                        help='the twelve rows of EAPT Table IV (Cascade Mask R-CNN, ATSS, RepPoints v2, Sparse R-CNN '
+                             'on R-50, Swin-T and EAPT-S) instead')
     args = parser.parse_args(argv)
-    pairs = CASCADE_ROWS if args.cascades else [(b, f) for b in args.backbones for f in args.frameworks]
+    pairs = (TABLE_IV_ROWS if args.table4 else CASCADE_ROWS if args.cascades
+             else [(b, f) for b in args.backbones for f in args.frameworks])
     torch.set_grad_enabled(False)
     print('| backbone | framework | input | params (M) | paper params (M) | GMACs (modules) | paper GMACs | diff '
           '| GMACs (fvcore) | backbone / neck / head (modules) | source |')

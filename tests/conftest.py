@@ -67,3 +67,18 @@ def small_task_losses():
             losses.append(loss.item())
         return losses
     return train
+
+
+@pytest.fixture
+def refused_before_work(tmp_path, capsys):
+    """``refused(argv, message)``: ``deformvit <argv> --output RUN`` exits with status 2 and one line on stderr
+    that names the command and holds ``message``, and RUN is not created."""
+    def refused(argv: list, message: str) -> None:
+        from deformvit.cli import main
+        with pytest.raises(SystemExit) as stopped:
+            main([*argv, '--output', str(tmp_path / 'run')])
+        assert stopped.value.code == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith(f'deformvit {" ".join(argv[:2])}:') and message in error and '\n' not in error
+        assert not (tmp_path / 'run').exists()
+    return refused

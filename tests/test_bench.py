@@ -290,3 +290,83 @@ def test_table8_rows_are_the_papers():
         ('DAT, 49 / 49 keys', 12.5), ('DAT, 196 / 49 keys (DAT-T)', 14.4)]
     assert bench.DAT_TABLE8_ROWS[2][2]['ddetr_points'] == (16, 16, 196, 49)
     assert bench.DAT_TABLE8_ROWS[3][2] == dict(offset_stride=(4, 2, 2, 1))
+
+
+# --- detectors (EAPT Table IV's FPS) ---------------------------------------------------------------
+
+TINY_DETECTOR = dict(min_size=64, max_size=64, fpn_channels=16, representation_size=32)
+
+
+def test_detection_rows_time_each_backbone_and_divide_by_the_first(monkeypatch):
+    monkeypatch.setitem(bench.EAPT_TABLE_IV, ('retinanet', 'dat_nano'), dict(fps=20.0))
+    monkeypatch.setitem(bench.EAPT_TABLE_IV, ('retinanet', 'resnet18'), dict(fps=15.0))
+    calls = []
+    real = bench.build_detector
+
+    def counted(name, backbone, num_classes, **kwargs):
+        model = real(name, backbone, num_classes, **kwargs)
+        forward = model.forward
+
+        def logged(images, targets=None):
+            calls.append((backbone, len(images), model.training, torch.is_inference_mode_enabled()))
+            return forward(images, targets)
+        model.forward = logged
+        return model
+    monkeypatch.setattr(bench, 'build_detector', counted)
+    rows = bench.detection_benchmark(['retinanet'], ['dat_nano', 'resnet18'], (48, 80), batch=2, device='cpu',
+                                     warmup=1, repeats=2, threads=1, **TINY_DETECTOR)
+    assert [(r['detector'], r['backbone']) for r in rows] == [('retinanet', 'dat_nano'), ('retinanet', 'resnet18')]
+    # one warm-up and two timed rounds of each, a batch of two images, in inference mode
+    assert sorted(calls) == sorted([('dat_nano', 2, False, True)] * 3 + [('resnet18', 2, False, True)] * 3)
+    first, second = rows
+    assert first['speed_vs_first'] == 1.0
+    assert second['speed_vs_first'] == pytest.approx(second['images_per_s'] / first['images_per_s'])
+    assert second['images_per_s'] == pytest.approx(2 / (second['latency_ms'] / 1e3))
+    assert (first['paper_fps'], second['paper_vs_first']) == (20.0, 0.75)
+    assert first['params_m'] == pytest.approx(count_parameters(real('retinanet', 'dat_nano', 80, **TINY_DETECTOR))
+                                              / 1e6)
+    table = bench.format_detection_markdown(rows)
+    assert '| retinanet | resnet18 |' in table and '0.75x' in table
+
+
+def test_detection_rows_without_a_paper_row_leave_the_paper_columns_empty():
+    rows = bench.detection_benchmark(['faster_rcnn'], ['dat_nano'], (40, 40), device='cpu', warmup=0, repeats=1,
+                                     threads=1, **TINY_DETECTOR)
+    assert rows[0]['paper_fps'] is None and rows[0]['paper_vs_first'] is None
+    assert '| faster_rcnn | dat_nano |' in bench.format_detection_markdown(rows)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(detectors=['yolo']), "unknown detectors ['yolo']"),
+    (dict(detectors=[]), 'unknown detectors []'),
+    (dict(backbones=[]), 'no backbones'),
+    (dict(batch=0), 'batch, repeats and the image sides must be >= 1'),
+    (dict(image_size=(0, 64)), 'batch, repeats and the image sides must be >= 1'),
+    (dict(device='meta'), 'the meta device measures memory only'),
+])
+def test_bad_detection_benchmarks_are_refused(kwargs, message):
+    arguments = dict(dict(detectors=['retinanet'], backbones=['dat_nano'], device='cpu'), **kwargs)
+    with pytest.raises(ValueError, match=message.replace('[', r'\[').replace(']', r'\]')):
+        bench.detection_benchmark(**arguments)
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--mode', 'train'], '--detectors times inference at one --precision'),
+    (['--table8'], '--detectors times inference'),
+    (['--image-size', '0', '64'], 'argument --image-size: expected a positive integer, got 0'),
+])
+def test_cli_detection_bad_input_exits_with_a_clear_message(argv, message):
+    with pytest.raises(SystemExit, match='^deformvit bench: ') as err:
+        main(['bench', '--detectors', 'retinanet', '--backbones', 'dat_nano', *argv])
+    assert message in str(err.value)
+
+
+def test_cli_detection_mode_prints_and_writes_csv(tmp_path, capsys):
+    path = tmp_path / 'detectors.csv'
+    args = _parser().parse_args(['--detectors', 'retinanet', '--backbones', 'dat_nano', '--image-size', '40', '56',
+                                 '--repeats', '1', '--warmup', '0', '--threads', '1', '--csv', str(path)])
+    rows = bench_cli.run(args)
+    assert rows[0]['batch'] == 1 and (rows[0]['height'], rows[0]['width']) == (40, 56)
+    assert 'batch 1 of 56x40' in capsys.readouterr().out
+    with open(path, newline='') as f:
+        assert [r['backbone'] for r in csv.DictReader(f)] == ['dat_nano']

@@ -61,11 +61,58 @@ def test_recipes_follow_the_papers_and_every_field_can_be_overridden(tmp_path):
         resolve_config(parser.parse_args(['--set', 'learning_rate=1']))
 
 
-@pytest.mark.parametrize('recipe, ratio', [('eapt-in1k', 0.05), ('eapt-det-1x', 0.05), ('eapt-seg-upernet-160k', 0.01)])
+@pytest.mark.parametrize('recipe, ratio', [('eapt-in1k', 0.05), ('eapt-det-1x', 0.05), ('eapt-seg-upernet-160k', 0.01),
+                                           ('eapt-atss-3x', 0.05), ('eapt-reppoints-v2-3x', 0.05),
+                                           ('eapt-sparse-rcnn-3x', 0.05)])
 def test_eapt_recipes_warm_up_from_the_papers_ratio_of_the_learning_rate(recipe, ratio):
     fields = load_recipe(recipe)  # EAPT Sec. IV-A: "warmup learning rate is 0.05" (0.01 for segmentation)
     assert fields['warmup_lr'] / fields['lr_base'] == pytest.approx(ratio)
     assert fields.get('model', fields.get('backbone')) == 'eapt_small'
+
+
+def test_eapt_table_vii_detection_rows_each_have_a_sparse_rcnn_recipe():
+    from deformvit.tools.paper import rows
+    full = load_recipe('eapt-sparse-rcnn-3x')
+    assert (full['detector'], full['backbone'], full['detector_kwargs']['num_proposals']) == \
+        ('sparse_rcnn', 'eapt_small', 300)
+    table = rows('EAPT', 'Table VII')
+    recipes = {name: load_recipe(name) for name in recipe_names('detect') if name.startswith('eapt-sparse-rcnn-3x')}
+    assert len(recipes) == len(table) == 8
+    by_kwargs = {tuple(sorted(r.get('backbone_kwargs', {}).items())): name for name, r in recipes.items()}
+    for row in table:
+        name = by_kwargs[tuple(sorted(row.kwargs.items()))]  # every row of the table, once
+        recipe = recipes[name]
+        # the ablations change the backbone only: the framework, data and schedule are the full row's
+        assert {k: v for k, v in recipe.items() if k not in ('backbone_kwargs', 'description')} == \
+            {k: v for k, v in full.items() if k not in ('backbone_kwargs', 'description')}
+
+
+def test_a_recipe_extends_its_base_and_replaces_what_it_names(tmp_path):
+    base = tmp_path / 'base.yaml'
+    base.write_text('task: detect\ndetector: atss\nepochs: 3\nbackbone_kwargs: {broaden_size: 0, use_endec: false}\n')
+    child = tmp_path / 'child.yaml'
+    child.write_text(f'base: {base}\nepochs: 5\nbackbone_kwargs: {{use_endec: false}}\n')
+    assert load_recipe(str(child)) == dict(task='detect', detector='atss', epochs=5,
+                                           backbone_kwargs=dict(use_endec=False))
+    shipped = tmp_path / 'shipped.yaml'
+    shipped.write_text('base: det-digits\nepochs: 2\n')
+    assert load_recipe(str(shipped)) == dict(load_recipe('det-digits'), epochs=2)
+    (tmp_path / 'mine').mkdir()
+    beside = tmp_path / 'mine' / 'beside.yaml'  # a base file named relative to the recipe's folder
+    beside.write_text('base: ../child.yaml\nepochs: 7\n')
+    assert load_recipe(str(beside)) == dict(load_recipe(str(child)), epochs=7)
+
+
+@pytest.mark.parametrize('text, message', [
+    ('base: {self}\n', 'is its own base'),
+    ('base: 3\n', 'has base 3; expected the name or file of another recipe'),
+    ('base: det-digitz\n', "unknown recipe 'det-digitz'"),
+])
+def test_bad_recipe_bases_are_refused(tmp_path, text, message):
+    path = tmp_path / 'recipe.yaml'
+    path.write_text(text.format(self=path))
+    with pytest.raises(ValueError, match=message):
+        load_recipe(str(path))
 
 
 def test_every_shipped_recipe_passes_the_checks():
@@ -258,3 +305,17 @@ def test_pretrained_weights_initialise_a_run_with_a_new_classifier(tmp_path):
     assert second['head.fc.weight'].shape == (3, 256)
     torch.testing.assert_close(second['stages.2.blocks.1.attn.offset_net.conv_dw.weight'],
                                first['stages.2.blocks.1.attn.offset_net.conv_dw.weight'])
+
+
+def test_model_kwargs_build_the_ablated_model_and_are_recorded_for_its_checkpoint():
+    from deformvit.training.config import defaults
+    task = get_task('classify')
+    config = dict(defaults(task), model='eapt_nano', img_size=64, model_kwargs=dict(use_endec=False, broaden_size=0))
+    model, name, file_kwargs = task.build_model(config, ['a', 'b'])
+    full, _, _ = task.build_model(dict(config, model_kwargs={}), ['a', 'b'])
+    assert name == 'eapt_nano' and file_kwargs['use_endec'] is False and file_kwargs['broaden_size'] == 0
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in full.parameters())
+    with pytest.raises(ValueError, match="model_kwargs: eapt_nano takes no argument 'use_endek'"):
+        task.build_model(dict(config, model_kwargs=dict(use_endek=False)), ['a', 'b'])
+    with pytest.raises(ValueError, match="model_kwargs: resnet18 takes no argument 'use_endec'"):
+        task.build_model(dict(config, model='resnet18', model_kwargs=dict(use_endec=False)), ['a', 'b'])

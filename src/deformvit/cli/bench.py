@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from ..runtime import PRECISIONS
+from ..tasks import DETECTORS
 from ..tools import bench
 from .common import non_negative_int, positive_int
 
@@ -32,12 +33,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--batch', type=positive_int, help='images per batch (default: 16; --table8: 64)')
     parser.add_argument('--size', type=positive_int, default=224, help='input side (default: 224)')
     parser.add_argument('--threads', type=positive_int, help='torch CPU threads (default: torch\'s)')
-    parser.add_argument('--warmup', type=non_negative_int, default=3, help='untimed rounds (default: 3)')
-    parser.add_argument('--repeats', type=positive_int, default=10,
-                        help='timed rounds; medians over them (default: 10)')
+    parser.add_argument('--warmup', type=non_negative_int, help='untimed rounds (default: 3; --detectors: 1)')
+    parser.add_argument('--repeats', type=positive_int,
+                        help='timed rounds; medians over them (default: 10; --detectors: 5)')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory pass')
     parser.add_argument('--table8', action='store_true',
                         help='measure the memory column of DAT Table 8 (D-DETR vs DAT attention) instead')
+    parser.add_argument('--detectors', nargs='+', choices=list(DETECTORS), metavar='NAME',
+                        help='time whole detectors (inference, EAPT Table IV\'s FPS) instead: '
+                             f'{", ".join(DETECTORS)}')
+    parser.add_argument('--backbones', nargs='+', default=list(bench.DETECTION_BACKBONES), metavar='NAME',
+                        help='backbones of --detectors; ratios to the first '
+                             f'(default: {" ".join(bench.DETECTION_BACKBONES)})')
+    parser.add_argument('--image-size', nargs=2, type=positive_int, default=list(bench.DETECTION_SIZE),
+                        metavar=('HEIGHT', 'WIDTH'), help='image of --detectors (default: 800 1280)')
     parser.add_argument('--csv', metavar='PATH', help='also write the rows as CSV')
     parser.add_argument('--markdown', metavar='PATH', help='also write the table as markdown')
 
@@ -62,6 +71,16 @@ def _write(args: argparse.Namespace, rows: Sequence[Dict], markdown: str) -> Non
 
 def run(args: argparse.Namespace, extra_models: Optional[Mapping[str, nn.Module]] = None) -> List[Dict]:
     """Run ``deformvit bench``; ``extra_models`` (label -> module) are measured before the named ones."""
+    if args.detectors:
+        if args.table8 or args.compile or args.mode != 'infer' or len(args.precision) > 1:
+            raise ValueError('--detectors times inference at one --precision, without --table8, --compile or '
+                             '--mode train')
+        rows = bench.detection_benchmark(
+            args.detectors, args.backbones, tuple(args.image_size), batch=args.batch or 1, device=args.device,
+            precision=args.precision[0], warmup=1 if args.warmup is None else args.warmup,
+            repeats=args.repeats or 5, threads=args.threads)
+        _write(args, rows, bench.format_detection_markdown(rows))
+        return rows
     if args.table8:
         if len(args.precision) > 1 or args.compile:
             raise ValueError('--table8 measures memory, at one --precision, without --compile')
@@ -78,7 +97,8 @@ def run(args: argparse.Namespace, extra_models: Optional[Mapping[str, nn.Module]
     modes = bench.MODES if args.mode == 'both' else (args.mode,)
     rows = bench.benchmark(
         models, batch=args.batch or 16, size=args.size, device=args.device, precisions=args.precision,
-        modes=modes, compile_models=args.compile, warmup=args.warmup, repeats=args.repeats,
+        modes=modes, compile_models=args.compile, warmup=3 if args.warmup is None else args.warmup,
+        repeats=args.repeats or 10,
         threads=args.threads, reference=reference, memory=not args.no_memory)
     _write(args, rows, bench.format_markdown(rows))
     return rows

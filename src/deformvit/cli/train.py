@@ -33,8 +33,10 @@ normalisation (timm's eval transform).
 def add_training_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     """The flags of a ``train`` command: ``--recipe``, the task's own flags, then the common ones."""
     recipes = ', '.join(recipe_names(task.name))
+    own = (f' (or the framework\'s own, e.g. {task.framework_field}=x -> x-digits, where shipped)'
+           if getattr(task, 'framework_field', '') else '')
     parser.add_argument('--recipe', help=f'recipe name ({recipes}) or YAML file; default: {task.default_recipe(None)} '
-                                         f'without --data, {task.default_recipe("DATA")} with it')
+                                         f'without --data{own}, {task.default_recipe("DATA")} with it')
     task.add_arguments(parser)
     parser.add_argument('--epochs', type=int)
     parser.add_argument('--batch-size', type=int, help='images per process and step')

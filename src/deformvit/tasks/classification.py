@@ -18,6 +18,7 @@ from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
 from ..data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
+from ..errors import unknown_model_argument
 from ..runtime import DistributedContext
 from .base import POSITIVE_INT, PROBABILITY, Evaluation, Limit, Task
 
@@ -30,7 +31,7 @@ class ClassificationTask(Task):
     command = 'deformvit train'
     defaults = dict(
         model='dat_tiny', img_size=224, label_smoothing=0.1, mixup=0.0, cutmix=0.0, auto_augment=None, reprob=0.0,
-        hflip=0.5, scale=[0.08, 1.0], augment=True)
+        hflip=0.5, scale=[0.08, 1.0], augment=True, model_kwargs={})
     recipes = ('digits', 'dat-in1k')
     metric_names = ('top1', 'top5', 'val_loss')
     collate = staticmethod(collate_skipping_corrupt)
@@ -60,14 +61,23 @@ class ClassificationTask(Task):
         return train, val
 
     def build_model(self, config: Dict, classes: List[str]):
-        kwargs = dict(num_classes=len(classes), drop_path_rate=config['drop_path'], img_size=config['img_size'])
+        kwargs = dict(config['model_kwargs'], num_classes=len(classes), drop_path_rate=config['drop_path'],
+                      img_size=config['img_size'])
         if config['pretrained']:
             kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=config['pretrained']))
         try:
-            model = timm.create_model(config['model'], **kwargs)
-        except TypeError:  # a timm model without img_size
-            kwargs.pop('img_size')
-            model = timm.create_model(config['model'], **kwargs)
+            try:
+                model = timm.create_model(config['model'], **kwargs)
+            except TypeError as error:
+                if "'img_size'" not in str(error):
+                    raise
+                kwargs.pop('img_size')  # a timm model without img_size
+                model = timm.create_model(config['model'], **kwargs)
+        except TypeError as error:
+            usage = unknown_model_argument(config['model'], error, config['model_kwargs'], 'model_kwargs')
+            if usage is None:
+                raise
+            raise usage from error
         file_kwargs = {k: v for k, v in kwargs.items() if k not in ('pretrained', 'pretrained_cfg_overlay',
                                                                     'drop_path_rate')}
         return model, config['model'], file_kwargs

@@ -17,6 +17,8 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from ..errors import unknown_model_argument
+
 __all__ = ['ChannelsFirst', 'PyramidFeatures', 'create_backbone', 'input_normalisation']
 
 
@@ -76,11 +78,22 @@ def _features(name: str, **kwargs) -> nn.Module:
     """``timm.create_model(name, features_only=True, **kwargs)``, for any input size where the model has the switch."""
     if 'strict_img_size' not in kwargs:
         try:
-            return timm.create_model(name, features_only=True, strict_img_size=False, **kwargs)
+            return _create(name, strict_img_size=False, **kwargs)
         except TypeError as error:  # the model has no such argument: it takes any size already
             if 'strict_img_size' not in str(error):
                 raise
-    return timm.create_model(name, features_only=True, **kwargs)
+    return _create(name, **kwargs)
+
+
+def _create(name: str, **kwargs) -> nn.Module:
+    try:
+        return timm.create_model(name, features_only=True, **kwargs)
+    except TypeError as error:
+        usage = unknown_model_argument(name, error, {k: v for k, v in kwargs.items() if k != 'strict_img_size'},
+                                       'backbone_kwargs')
+        if usage is None:
+            raise
+        raise usage from error
 
 
 class ChannelsFirst(nn.Module):

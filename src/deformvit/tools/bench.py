@@ -5,6 +5,7 @@
     deformvit bench --device cuda --precision fp32 bf16 --compile --csv bench.csv
     deformvit bench --device meta --batch 64 --mode train   # peak memory only, nothing allocated
     deformvit bench --table8                            # DAT Table 8 memory column, batch 64
+    deformvit bench --detectors atss sparse_rcnn        # EAPT Table IV's FPS: R-50, Swin-T, EAPT-S
 
 Every model (any timm name; deformvit's are registered) and every reference is timed in
 interleaved rounds, so that machine noise hits all alike: --warmup untimed rounds, then
@@ -22,6 +23,7 @@ bytes of every tensor storage an operator creates and subtracts them when the st
 Both include the model's parameters, buffers, optimizer state and input. --device meta runs the
 tracker without allocating anything (no timing), so large batches fit a small machine.
 --table8 gives DAT's Table 8 memory column (D-DETR attention against DAT's at batch 64);
+--detectors times whole detectors (:func:`detection_benchmark`), EAPT Table IV's FPS column;
 docs/benchmarks.md describes the method and gives measured tables.
 """
 import contextlib
@@ -38,21 +40,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..runtime import autocast_context, autocast_dtype, resolve_device
-from ..tasks import create_model
+from ..tasks import DETECTORS, build_detector, create_model
 from .complexity import count_macs, count_parameters
 from .memory import GIB, MIB, measure_peak_memory, peak_forward_memory
-from .paper import MEMORY, TABLE8_BATCH, rows as paper_rows
+from .paper import EAPT_TABLE_IV, MEMORY, TABLE8_BATCH, rows as paper_rows
 
 __all__ = [
-    'CSV_COLUMNS', 'DAT_TABLE8_ROWS', 'DEFAULT_MODELS', 'DEFAULT_REFERENCES', 'MODES', 'SWIN_T', 'TABLE8_BATCH',
-    'benchmark', 'device_name', 'format_markdown', 'format_table8_markdown', 'table8_memory', 'torch_threads',
-    'write_csv',
+    'CSV_COLUMNS', 'DAT_TABLE8_ROWS', 'DEFAULT_MODELS', 'DEFAULT_REFERENCES', 'DETECTION_BACKBONES', 'DETECTION_SIZE',
+    'MODES', 'SWIN_T', 'TABLE8_BATCH', 'benchmark', 'detection_benchmark', 'device_name', 'format_detection_markdown',
+    'format_markdown', 'format_table8_markdown', 'table8_memory', 'torch_threads', 'write_csv',
 ]
 
 MODES = ('infer', 'train')
 DEFAULT_MODELS = ('dat_tiny', 'eapt_small')
 SWIN_T = 'swin_tiny_patch4_window7_224'
 DEFAULT_REFERENCES = (SWIN_T, 'deit_small_patch16_224', 'convnext_tiny', 'pvt_v2_b2')
+DETECTION_BACKBONES = ('resnet50', SWIN_T, 'eapt_small')  # EAPT Table IV's R-50, Swin-T and EAPT-S
+DETECTION_SIZE = (800, 1280)  # (height, width): the image EAPT Table IV and DAT Tables 3-4 count at
 
 # DAT Table 8 (Appendix A): (label, model, create_model kwargs, paper's GPU memory in GB) at batch 64,
 # from the rows of deformvit.tools.paper.
@@ -254,7 +258,7 @@ def benchmark(
     return rows
 
 
-def _round_robin(steps: Mapping[str, _Step], device: torch.device, warmup: int, repeats: int
+def _round_robin(steps: Mapping[str, Callable[[], None]], device: torch.device, warmup: int, repeats: int
                  ) -> Dict[str, Tuple[float, List[float]]]:
     """``{label: (first call seconds, [seconds per timed round])}``."""
     labels = list(steps)
@@ -291,6 +295,94 @@ def _add_ratios(rows: List[Dict], reference: Optional[str]) -> None:
             row['speed_vs_ref'] = row['images_per_s'] / ref['images_per_s']
         if row['peak_memory_mib'] is not None and ref['peak_memory_mib']:
             row['memory_vs_ref'] = row['peak_memory_mib'] / ref['peak_memory_mib']
+
+
+# ---------------------------------------------------------------------------------------------
+# Detectors (EAPT Table IV's FPS)
+
+def detection_benchmark(
+        detectors: Sequence[str],
+        backbones: Sequence[str] = DETECTION_BACKBONES,
+        image_size: Tuple[int, int] = DETECTION_SIZE,
+        batch: int = 1,
+        device: Optional[Union[str, torch.device]] = None,
+        precision: str = 'fp32',
+        warmup: int = 1,
+        repeats: int = 5,
+        threads: Optional[int] = None,
+        num_classes: int = 80,
+        **build_kwargs,
+) -> List[Dict]:
+    """Images per second of whole detectors, each framework on each backbone, as EAPT Table IV's FPS.
+
+    A step is the detector's inference on ``batch`` random images of ``image_size``: torchvision's
+    resize and normalisation (a 1280x800 image stays 1280x800 at the default 800 / 1333 sizes), the
+    backbone, pyramid and heads, box decoding and NMS, and the boxes scaled back, as a detector's FPS
+    counts them. The backbones of one framework are timed in interleaved rounds (``warmup`` untimed,
+    then ``repeats`` timed, the starting model rotating), so that machine noise hits them alike, and
+    each is given as a ratio to the first backbone, with the paper's ratio beside it.
+
+    Args:
+        detectors: names of :data:`~deformvit.tasks.DETECTORS`.
+        backbones: backbone names; the ratios divide by the first.
+        image_size: ``(height, width)`` of the images.
+        batch: images per step.
+        device: ``cpu`` or ``cuda``; default CUDA if available.
+        precision: ``'fp32'``, ``'bf16'`` or ``'fp16'`` (autocast).
+        warmup, repeats: untimed and timed rounds.
+        threads: ``torch.set_num_threads`` for the run (restored afterwards).
+        num_classes: object classes of the detectors (COCO's 80).
+        build_kwargs: further arguments of :func:`~deformvit.tasks.build_detector` (``min_size``...).
+
+    Returns:
+        One row per detector and backbone: ``detector``, ``backbone``, ``params_m``, ``images_per_s``,
+        ``latency_ms`` (median per step), ``speed_vs_first``, the paper's ``paper_fps`` and
+        ``paper_vs_first`` (None where EAPT Table IV has no such row), and the run's settings.
+    """
+    device = resolve_device(device)
+    if device.type == 'meta':
+        raise ValueError('the meta device measures memory only; detector throughput needs cpu or cuda')
+    dtype = autocast_dtype(precision, device)
+    unknown = [name for name in detectors if name not in DETECTORS]
+    if unknown or not detectors:
+        raise ValueError(f'unknown detectors {unknown}; expected one or more of {", ".join(DETECTORS)}')
+    if not backbones:
+        raise ValueError('no backbones to benchmark; expected one or more model names')
+    if batch < 1 or repeats < 1 or warmup < 0 or min(image_size) < 1:
+        raise ValueError(f'batch, repeats and the image sides must be >= 1 and warmup >= 0; got batch={batch}, '
+                         f'image_size={tuple(image_size)}, repeats={repeats}, warmup={warmup}')
+    rows = []
+    with torch_threads(threads):
+        common = dict(device=str(device), device_name=device_name(device), threads=torch.get_num_threads(),
+                      batch=batch, height=image_size[0], width=image_size[1], precision=precision, warmup=warmup,
+                      repeats=repeats, torch=torch.__version__)
+        images = [torch.rand(3, *image_size, device=device) for _ in range(batch)]
+        for detector in detectors:
+            models = {backbone: build_detector(detector, backbone, num_classes, **build_kwargs).eval().to(device)
+                      for backbone in backbones}
+
+            def step(model: nn.Module) -> Callable[[], None]:
+                def run() -> None:
+                    with torch.inference_mode(), autocast_context(device, dtype)():
+                        model(images)
+                return run
+            timings = _round_robin({backbone: step(model) for backbone, model in models.items()}, device, warmup,
+                                   repeats)
+            block = []
+            for backbone, model in models.items():
+                median = statistics.median(timings[backbone][1])
+                paper = EAPT_TABLE_IV.get((detector, backbone), {})
+                block.append(dict(common, detector=detector, backbone=backbone,
+                                  params_m=count_parameters(model) / 1e6, images_per_s=batch / median,
+                                  latency_ms=1e3 * median, paper_fps=paper.get('fps')))
+            first, first_paper = block[0]['images_per_s'], block[0]['paper_fps']
+            for row in block:
+                row['speed_vs_first'] = row['images_per_s'] / first
+                row['paper_vs_first'] = (row['paper_fps'] / first_paper
+                                         if row['paper_fps'] is not None and first_paper else None)
+            rows += block
+            del models
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,6 +490,25 @@ def format_markdown(rows: Sequence[Dict]) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def format_detection_markdown(rows: Sequence[Dict]) -> str:
+    """A header line and a markdown table of :func:`detection_benchmark` rows, the paper's FPS beside them."""
+    if not rows:
+        return ''
+    first = rows[0]
+    lines = [f'detectors: device {first["device"]} ({first["device_name"]}), torch {first["torch"]}, threads '
+             f'{first["threads"]}, {first["precision"]}, batch {first["batch"]} of {first["width"]}x{first["height"]}, '
+             f'{first["warmup"]} warm-up + {first["repeats"]} timed rounds, round-robin per detector; ratios to '
+             f'the first backbone of each detector; paper: EAPT Table IV (one GPU)', '',
+             '| detector | backbone | params (M) | images/s | ms/step median | vs first | paper FPS '
+             '| paper vs first |',
+             '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+    for r in rows:
+        lines.append(f'| {r["detector"]} | {r["backbone"]} | {r["params_m"]:.2f} | {r["images_per_s"]:.3f} | '
+                     f'{r["latency_ms"]:.0f} | {r["speed_vs_first"]:.2f}x | {_fmt(r["paper_fps"], 1)} | '
+                     f'{_fmt(r["paper_vs_first"], 2, "x")} |')
+    return '\n'.join(lines) + '\n'
+
+
 def format_table8_markdown(results: Sequence[Dict]) -> str:
     """A markdown table of :func:`table8_memory` results next to the paper's column."""
     if not results:
@@ -416,7 +527,8 @@ def format_table8_markdown(results: Sequence[Dict]) -> str:
 
 
 def write_csv(rows: Sequence[Dict], path: str) -> None:
-    """Write rows (of :func:`benchmark` or :func:`table8_memory`) to a CSV file with a header row."""
+    """Write rows (of :func:`benchmark`, :func:`detection_benchmark` or :func:`table8_memory`) to a CSV file with
+    a header row."""
     columns = list(CSV_COLUMNS) if rows and 'mode' in rows[0] else list(rows[0]) if rows else []
     with open(path, 'w', newline='') as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction='ignore')

@@ -12,6 +12,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+import torchvision  # noqa: F401  (registers torch.ops.torchvision, whose deform_conv2d is counted)
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 __all__ = ['CONVENTIONS', 'count_macs', 'count_macs_of', 'count_parameters', 'framework_macs']
@@ -45,11 +46,18 @@ def _sdpa_cpu(query_shape, key_shape, value_shape, *args, out_shape=None, **kwar
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
+def _deform_conv(input_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+    # a convolution's products: each output element sums (C_in / groups) x kh x kw taps (the bilinear
+    # reads of the shifted taps are not counted, as no convolution counter counts its im2col)
+    return 2 * _numel(out_shape) * _numel(weight_shape[1:])
+
+
 _FVCORE_EXTRA = {
     aten.native_layer_norm: _layer_norm,
     aten.grid_sampler_2d: _bilinear_sample,
     aten.upsample_bilinear2d: _bilinear_sample,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu,
+    torch.ops.torchvision.deform_conv2d: _deform_conv,  # RepPoints' deformable convolutions, a module in mmcv too
 }
 
 

@@ -11,7 +11,7 @@ extend (:data:`RESUMABLE`).
 import copy
 import os
 from importlib import resources
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 from timm.optim import list_optimizers
@@ -21,8 +21,8 @@ from ..runtime import PRECISIONS, resolve_device
 from ..tasks import Task, check_model_name, get_task
 from ..tasks.base import POSITIVE_INT, Limit
 
-__all__ = ['COMMON_DEFAULTS', 'COMMON_FLAGS', 'COMMON_LIMITS', 'RESUMABLE', 'check_config', 'defaults',
-           'explicit_fields', 'load_recipe', 'recipe_names', 'resolve_config']
+__all__ = ['COMMON_DEFAULTS', 'COMMON_FLAGS', 'COMMON_LIMITS', 'RESUMABLE', 'check_config', 'default_recipe',
+           'defaults', 'explicit_fields', 'load_recipe', 'recipe_names', 'resolve_config']
 
 COMMON_DEFAULTS = dict(
     description='', task='classify', data=None, epochs=300, iterations=None, batch_size=128, accum_steps=1,
@@ -65,7 +65,32 @@ def recipe_names(task: Optional[str] = None) -> List[str]:
 
 
 def load_recipe(name_or_path: str) -> Dict:
-    """A recipe by name (``dat-in1k``, ``digits``...) or a YAML file path."""
+    """A recipe by name (``dat-in1k``, ``digits``...) or a YAML file path.
+
+    A recipe with a ``base`` field (a recipe name, or a file, relative to the recipe's own folder or to the
+    working folder) is that recipe with its own fields on top: a field it names replaces the base's value
+    whole (a mapping such as ``backbone_kwargs`` included).
+    """
+    return _load_recipe(name_or_path, ())
+
+
+def _load_recipe(name_or_path: str, chain: Tuple[str, ...]) -> Dict:
+    if name_or_path in chain:
+        raise UsageError(f'recipe {name_or_path!r} is its own base ({" -> ".join(chain + (name_or_path,))}); '
+                         'expected a chain of bases that ends in a recipe without one')
+    recipe = _read_recipe(name_or_path)
+    base = recipe.pop('base', None)
+    if base is None:
+        return recipe
+    if not isinstance(base, str) or not base:
+        raise UsageError(f'recipe {name_or_path!r} has base {base!r}; expected the name or file of another recipe')
+    beside = os.path.join(os.path.dirname(name_or_path), base)  # a file named relative to the recipe file
+    if os.path.isfile(name_or_path) and not os.path.isabs(base) and os.path.isfile(beside):
+        base = beside
+    return dict(_load_recipe(base, chain + (name_or_path,)), **recipe)
+
+
+def _read_recipe(name_or_path: str) -> Dict:
     if os.path.isfile(name_or_path):
         try:
             with open(name_or_path) as f:
@@ -81,6 +106,18 @@ def load_recipe(name_or_path: str) -> Dict:
         raise UsageError(f'unknown recipe {name_or_path!r}: expected a YAML file or one of {", ".join(names)}'
                          + closest(name_or_path, names))
     return yaml.safe_load(resources.files(__package__).joinpath('recipes', f'{name_or_path}.yaml').read_text())
+
+
+def default_recipe(task: Task, data: Optional[str], framework: Optional[str] = None) -> str:
+    """The recipe of a run without ``--recipe``: the task's (:meth:`Task.default_recipe`), except that a
+    run on the built-in scenes with a framework named (``--detector atss``) takes the framework's own
+    scenes recipe where one is shipped (``atss-digits``: its options, det-digits' budget)."""
+    recipe = task.default_recipe(data)
+    if data is None and framework:
+        own = f"{framework.replace('_', '-')}-digits"
+        if own in _shipped_recipes():
+            return own
+    return recipe
 
 
 def defaults(task: Task) -> Dict:
@@ -215,7 +252,7 @@ def resolve_config(args, task: Optional[Task] = None) -> Dict:
     task = task or get_task('classify')
     fields = defaults(task)
     explicit = explicit_fields(args, task)
-    recipe = args.recipe or task.default_recipe(args.data)
+    recipe = args.recipe or default_recipe(task, args.data, getattr(args, getattr(task, 'framework_field', ''), None))
     loaded = load_recipe(recipe)
     if (loaded.get('task') or 'classify') != task.name:
         raise UsageError(f"recipe {recipe!r} is a {loaded.get('task') or 'classify'} recipe; `{task.command}` takes "

@@ -9,11 +9,14 @@ from typing import Dict, Type
 import torch.nn as nn
 
 from ..base import registered
+from .atss import ATSSDetector
 from .base import Detector
 from .cascade import CascadeMaskRCNNDetector
 from .htc import HTCDetector, HTCPlusPlusDetector
 from .rcnn import FasterRCNNDetector, MaskRCNNDetector
+from .reppoints import RepPointsV2Detector
 from .retinanet import RetinaNetDetector
+from .sparse_rcnn import SparseRCNNDetector
 
 __all__ = ['DETECTORS', 'Detector', 'build_detector', 'detector_class']
 
@@ -24,6 +27,9 @@ DETECTORS: Dict[str, Type[Detector]] = {
     'cascade_mask_rcnn': CascadeMaskRCNNDetector,  # DAT Table 4b, EAPT Table IV
     'htc': HTCDetector,
     'htc++': HTCPlusPlusDetector,  # Swin Transformer's HTC++, EAPT Table V (HTC++ / HTC+++)
+    'atss': ATSSDetector,  # EAPT Table IV
+    'reppoints_v2': RepPointsV2Detector,  # EAPT Table IV
+    'sparse_rcnn': SparseRCNNDetector,  # EAPT Tables IV and VII
 }
 
 

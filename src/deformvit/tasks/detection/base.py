@@ -25,13 +25,15 @@ __all__ = ['Detector']
 class Detector:
     """Mixin of the detection frameworks: how to build one, and what to ask of it.
 
-    Subclasses set ``strides`` (the backbone levels their pyramid reads), ``masks`` and
+    Subclasses set ``strides`` (the backbone levels their pyramid reads), ``anchor_sizes`` (the
+    base anchor size of each of the five pyramid levels when ``build`` is given none), ``masks`` and
     implement :meth:`assemble` and :meth:`cost_parts`.
 
     Attributes:
         config: the arguments of :meth:`build` that rebuild the model (written into checkpoints).
     """
     strides: Tuple[int, ...] = (4, 8, 16, 32)
+    anchor_sizes: Tuple[int, ...] = (32, 64, 128, 256, 512)
     masks: bool = False
     config: Dict
 
@@ -72,7 +74,7 @@ class Detector:
             min_size: Union[int, Sequence[int]] = 800,
             max_size: int = 1333,
             fpn_channels: int = 256,
-            anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+            anchor_sizes: Optional[Sequence[int]] = None,
             representation_size: int = 1024,
             backbone_kwargs: Optional[Dict] = None,
             **detector_kwargs,
@@ -87,7 +89,8 @@ class Detector:
             min_size: shorter image side after resizing; a sequence draws one per training image.
             max_size: longest allowed image side after resizing.
             fpn_channels: channels of the pyramid levels and heads.
-            anchor_sizes: base anchor size of each of the five pyramid levels, finest first.
+            anchor_sizes: base anchor size of each of the five pyramid levels, finest first; None: the
+                framework's own (``cls.anchor_sizes``).
             representation_size: width of the two fully connected layers of an R-CNN box head.
             backbone_kwargs: further arguments of the backbone (e.g. ``img_size``).
             detector_kwargs: passed to the torchvision detector (``score_thresh``,
@@ -100,6 +103,7 @@ class Detector:
             ValueError: fewer or more than five anchor sizes.
         """
         cls.check_options(detector_kwargs)
+        anchor_sizes = cls.anchor_sizes if anchor_sizes is None else anchor_sizes
         if len(anchor_sizes) != 5:
             raise ValueError(f'anchor_sizes has {len(anchor_sizes)} entries; expected one per pyramid level (5)')
         if isinstance(min_size, Sequence):

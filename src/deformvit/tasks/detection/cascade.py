@@ -34,6 +34,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from ...errors import UsageError
 from ..necks import PyramidFeatures
 from .base import Detector
+from .shared import check_choice, check_numbers, check_sequence
 
 __all__ = ['BOX_HEADS', 'CascadeMaskRCNNDetector', 'CascadeRoIHeads', 'CascadeStage', 'MaskHead', 'box_head',
            'soft_nms']
@@ -66,26 +67,6 @@ def box_head(kind: str, channels: int, representation_size: int, pool: int = 7) 
     if kind not in BOX_HEADS:
         raise UsageError(f'unknown box_head {kind!r}; expected one of {", ".join(BOX_HEADS)}')
     return BOX_HEADS[kind](channels, pool, representation_size)
-
-
-def _choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise UsageError(f'{name} {value!r} is not one of {", ".join(choices)}')
-    return value
-
-
-def _sequence(name: str, value, expected: str) -> list:
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-        raise UsageError(f'{name} {value!r}: expected {expected}')
-    return list(value)
-
-
-def _numbers(name: str, value, expected: str, valid: Callable[[float], bool]) -> Tuple[float, ...]:
-    """``value`` as a tuple of floats, each ``valid``; UsageError naming ``name`` and ``expected`` otherwise."""
-    values = _sequence(name, value, expected)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and valid(v) for v in values):
-        raise UsageError(f'{name} {value!r}: expected {expected}')
-    return tuple(float(v) for v in values)
 
 
 class CascadeStage(nn.Module):
@@ -255,9 +236,9 @@ class CascadeRoIHeads(nn.Module):
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
-        self.box_loss = _choice('box_loss', box_loss, BOX_LOSSES)
-        self.score_average = _choice('score_average', score_average, SCORE_AVERAGES)
-        self.nms = _choice('nms', nms, NMS_KINDS)
+        self.box_loss = check_choice('box_loss', box_loss, BOX_LOSSES)
+        self.score_average = check_choice('score_average', score_average, SCORE_AVERAGES)
+        self.nms = check_choice('nms', nms, NMS_KINDS)
 
     interleaved = False  # HTC's interleaved execution: see losses
 
@@ -483,12 +464,12 @@ class CascadeMaskRCNNDetector(Detector, FasterRCNN):
     def cascade_options(cls, kwargs: Dict) -> Dict:
         """Split the cascade's own options off ``kwargs`` (in place), with their defaults filled in."""
         options = {k: kwargs.pop(k, v) for k, v in cls.cascade_defaults.items()}
-        ious = _numbers('stage_ious', options['stage_ious'], 'IoU thresholds in (0, 1), one per stage',
-                        lambda v: 0 < v < 1)
-        weights = _numbers('stage_weights', options['stage_weights'], 'non-negative loss weights, one per stage',
-                           lambda v: v >= 0)
-        stds = [_numbers('stage_stds', s, 'four positive numbers per stage', lambda v: v > 0)
-                for s in _sequence('stage_stds', options['stage_stds'], 'four positive numbers per stage')]
+        ious = check_numbers('stage_ious', options['stage_ious'], 'IoU thresholds in (0, 1), one per stage',
+                             lambda v: 0 < v < 1)
+        weights = check_numbers('stage_weights', options['stage_weights'], 'non-negative loss weights, one per stage',
+                                lambda v: v >= 0)
+        stds = [check_numbers('stage_stds', s, 'four positive numbers per stage', lambda v: v > 0)
+                for s in check_sequence('stage_stds', options['stage_stds'], 'four positive numbers per stage')]
         if any(len(s) != 4 for s in stds):
             raise UsageError(f"stage_stds {options['stage_stds']}: expected four positive numbers per stage")
         if not len(ious) == len(stds) == len(weights) or not ious:
@@ -499,7 +480,7 @@ class CascadeMaskRCNNDetector(Detector, FasterRCNN):
         options.update(stage_ious=ious, stage_stds=stds, stage_weights=weights)
         for name, choices in (('mask_stages', ('all', 'last')), ('box_loss', BOX_LOSSES),
                               ('score_average', SCORE_AVERAGES), ('nms', NMS_KINDS), ('box_head', tuple(BOX_HEADS))):
-            _choice(name, options[name], choices)
+            check_choice(name, options[name], choices)
         return options
 
     @classmethod

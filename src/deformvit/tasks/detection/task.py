@@ -42,14 +42,14 @@ class DetectionTask(DenseTask):
     command = 'deformvit detect train'
     defaults = dict(
         detector='mask_rcnn', backbone='dat_tiny', min_size=800, max_size=1333, fpn_channels=256,
-        anchor_sizes=[32, 64, 128, 256, 512], representation_size=1024, hflip=0.5, crop=0.0, detector_kwargs={},
+        anchor_sizes=None, representation_size=1024, hflip=0.5, crop=0.0, detector_kwargs={}, backbone_kwargs={},
         eval_batch_size=2)
     recipes = ('det-digits', 'det-1x')
     collate = staticmethod(collate_detection)
     flags = ('backbone', 'detector')
     limits = dict(min_size=Limit(1, integer=True, or_list=True), max_size=POSITIVE_INT, fpn_channels=POSITIVE_INT,
-                  anchor_sizes=Limit(1, integer=True, count=0), representation_size=POSITIVE_INT, hflip=PROBABILITY,
-                  crop=PROBABILITY, eval_batch_size=POSITIVE_INT)
+                  anchor_sizes=Limit(1, integer=True, count=5, optional=True), representation_size=POSITIVE_INT,
+                  hflip=PROBABILITY, crop=PROBABILITY, eval_batch_size=POSITIVE_INT)
     framework_field = 'detector'
     frameworks = DETECTORS
     data_help = 'COCO root (train2017/, val2017/, annotations/instances_*.json)'
@@ -86,7 +86,8 @@ class DetectionTask(DenseTask):
             config['detector'], config['backbone'], len(classes), pretrained_backbone=config['pretrained'],
             drop_path_rate=config['drop_path'], min_size=config['min_size'], max_size=config['max_size'],
             fpn_channels=config['fpn_channels'], anchor_sizes=config['anchor_sizes'],
-            representation_size=config['representation_size'], **config['detector_kwargs'])
+            representation_size=config['representation_size'], backbone_kwargs=config['backbone_kwargs'],
+            **config['detector_kwargs'])
         kwargs = {k: v for k, v in model.config.items() if k != 'detector'}
         return model, config['detector'], kwargs
 
