@@ -1,4 +1,7 @@
+import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 from typing import Callable
@@ -82,3 +85,20 @@ def refused_before_work(tmp_path, capsys):
         assert error.startswith(f'deformvit {" ".join(argv[:2])}:') and message in error and '\n' not in error
         assert not (tmp_path / 'run').exists()
     return refused
+
+
+@pytest.fixture
+def two_process_detection():
+    """``train(coco_root, out, detector, *settings)``: one epoch of ``deformvit detect train`` on dat_nano at 128x128
+    under ``torchrun --nproc_per_node=2`` on the CPU; asserts that it succeeds as a world of two processes."""
+    def train(coco_root: str, out: Path, detector: str, *settings: str) -> None:
+        result = subprocess.run(
+            [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'deformvit',
+             'detect', 'train', '--data', coco_root, '--output', str(out), '--detector', detector,
+             '--backbone', 'dat_nano', '--epochs', '1', '--workers', '0', '--batch-size', '2', '--device', 'cpu',
+             '--set', 'min_size=128', '--set', 'max_size=128', '--set', 'fpn_channels=32',
+             '--set', 'warmup_updates=0', '--set', 'eval_batch_size=2', *settings],
+            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert 'world_size: 2' in (out / 'config.yaml').read_text()
+    return train

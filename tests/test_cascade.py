@@ -2,8 +2,6 @@
 the averaged scores, the weighted losses, HTC's interleaving, mask information flow and semantic branch,
 checkpoints, and the sizes of DAT Table 4b and EAPT Tables IV-V."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -350,21 +348,13 @@ def test_htc_plus_plus_matches_eapt_table_5_in_parameters(backbone, paper):
 
 # ---- the shared loop on two processes ------------------------------------------------------------
 
-def test_two_process_cascade_and_htc_runs(tmp_path):
+def test_two_process_cascade_and_htc_runs(tmp_path, two_process_detection):
     from deformvit.data.scenes import write_digit_scenes
     scenes = write_digit_scenes(tmp_path / 'digits', n_train=8, n_val=4)
     for detector in ('cascade_mask_rcnn', 'htc'):
         out = tmp_path / detector
-        result = subprocess.run(
-            [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'deformvit',
-             'detect', 'train', '--data', scenes['coco'], '--output', str(out), '--detector', detector,
-             '--backbone', 'dat_nano', '--epochs', '1', '--workers', '0', '--batch-size', '2', '--device', 'cpu',
-             '--set', 'min_size=128', '--set', 'max_size=128', '--set', 'fpn_channels=32',
-             '--set', 'representation_size=64', '--set', 'warmup_updates=0',
-             '--set', 'detector_kwargs={semantic_classes: 11}' if detector == 'htc' else 'eval_batch_size=2'],
-            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert 'world_size: 2' in (out / 'config.yaml').read_text()
+        two_process_detection(scenes['coco'], out, detector, '--set', 'representation_size=64',
+                              *(['--set', 'detector_kwargs={semantic_classes: 11}'] if detector == 'htc' else []))
         assert load_model(str(out / 'last.safetensors')).model.has_masks()
 
 

@@ -4,8 +4,6 @@ The frameworks' own parts (assignment, point sets, matching) are tested in test_
 test_reppoints.py and test_sparse_rcnn.py."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -101,18 +99,10 @@ def test_a_bfloat16_autocast_step_gives_finite_losses_and_float32_detections(nam
     assert detections['boxes'].dtype == detections['scores'].dtype == torch.float32
 
 
-def test_two_process_runs_of_the_three_frameworks(tmp_path, scenes):
+def test_two_process_runs_of_the_three_frameworks(tmp_path, scenes, two_process_detection):
     for name in FRAMEWORKS:
         out = tmp_path / name
-        result = subprocess.run(
-            [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '-m', 'deformvit',
-             'detect', 'train', '--data', scenes['coco'], '--output', str(out), '--detector', name,
-             '--backbone', 'dat_nano', '--epochs', '1', '--workers', '0', '--batch-size', '2', '--device', 'cpu',
-             '--set', 'min_size=128', '--set', 'max_size=128', '--set', 'fpn_channels=32',
-             '--set', 'warmup_updates=0', '--set', 'eval_batch_size=2', *_options(name)],
-            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert 'world_size: 2' in (out / 'config.yaml').read_text()
+        two_process_detection(scenes['coco'], out, name, *_options(name))
         assert isinstance(load_model(str(out / 'last.safetensors')).model, DETECTORS[name])
 
 
