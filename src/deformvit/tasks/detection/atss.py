@@ -44,7 +44,7 @@ from ...errors import UsageError
 from ..necks import PyramidFeatures
 from .assigners import atss_assign
 from .base import Detector
-from .shared import check_integer, check_number, mean_over_processes
+from .shared import check_integer, check_number, inside_own_padding, mean_over_processes
 
 __all__ = ['ATSSDetector', 'ATSSHead', 'Scale', 'centerness_targets', 'group_count']
 
@@ -221,10 +221,7 @@ class ATSSDetector(Detector, nn.Module):
     def valid_anchors(self, anchors: torch.Tensor, image_size: Tuple[int, int]) -> torch.Tensor:
         """(A,) bool: the anchors centred on the image padded on its own (to ``size_divisible``), not on the
         padding that batching with larger images adds (mmdetection's valid flags)."""
-        divisor = self.transform.size_divisible
-        height, width = (math.ceil(s / divisor) * divisor for s in image_size)
-        centres = (anchors[:, :2] + anchors[:, 2:]) / 2  # (A, 2)
-        return (centres[:, 0] < width) & (centres[:, 1] < height)
+        return inside_own_padding((anchors[:, :2] + anchors[:, 2:]) / 2, image_size, self.transform.size_divisible)
 
     def assign(self, anchors: torch.Tensor, num_per_level: List[int], targets: List[Dict[str, torch.Tensor]],
                image_sizes: List[Tuple[int, int]]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -68,7 +68,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from ..necks import PyramidFeatures
 from .assigners import atss_assign
 from .base import Detector
-from .shared import check_choice, check_integer, check_number
+from .shared import check_choice, check_integer, check_number, inside_own_padding
 
 __all__ = ['BiFPN', 'BiFPNLayer', 'CornerPooling', 'FastFusion', 'HeadOutputs', 'PointGrid', 'RepPointsV2Detector',
            'RepPointsV2Head', 'box_levels', 'corner_targets', 'foreground_targets', 'gaussian_radius', 'point_assign',
@@ -668,9 +668,7 @@ class RepPointsV2Detector(Detector, nn.Module):
     # ---- training
     def valid_points(self, grid: PointGrid, image_size: Tuple[int, int]) -> torch.Tensor:
         """(N,) the locations inside the image padded to the transform's multiple (the official valid flags)."""
-        divisor = self.transform.size_divisible
-        padded_h, padded_w = (math.ceil(s / divisor) * divisor for s in image_size)
-        return (grid.centres[:, 0] < padded_w) & (grid.centres[:, 1] < padded_h)
+        return inside_own_padding(grid.centres, image_size, self.transform.size_divisible)
 
     def image_targets(self, grid: PointGrid, valid: torch.Tensor, boxes_init: torch.Tensor, gt_boxes: torch.Tensor
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

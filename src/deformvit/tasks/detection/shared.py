@@ -1,6 +1,8 @@
 """What several detection frameworks share besides their assignment: the checks of their options, which
-raise :class:`~deformvit.errors.UsageError` naming the value and what was expected, and the loss
-normaliser averaged over the processes of a distributed run (mmdetection's ``reduce_mean``)."""
+raise :class:`~deformvit.errors.UsageError` naming the value and what was expected, the loss normaliser
+averaged over the processes of a distributed run (mmdetection's ``reduce_mean``), and which locations lie
+on an image rather than on the padding batching adds (mmdetection's valid flags)."""
+import math
 from typing import Callable, Sequence, Tuple
 
 import torch
@@ -8,7 +10,8 @@ import torch.distributed as dist
 
 from ...errors import UsageError
 
-__all__ = ['check_choice', 'check_integer', 'check_number', 'check_numbers', 'check_sequence', 'mean_over_processes']
+__all__ = ['check_choice', 'check_integer', 'check_number', 'check_numbers', 'check_sequence', 'inside_own_padding',
+           'mean_over_processes']
 
 
 def _is_number(value) -> bool:
@@ -58,3 +61,10 @@ def mean_over_processes(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value)
         value = value / dist.get_world_size()
     return value
+
+
+def inside_own_padding(centres: torch.Tensor, image_size: Tuple[int, int], size_divisible: int) -> torch.Tensor:
+    """(N,) bool: the ``centres`` (N, 2) ``x, y`` that lie on the image of ``image_size`` padded on its own to a
+    multiple of ``size_divisible``, not on the padding that batching with larger images adds."""
+    height, width = (math.ceil(s / size_divisible) * size_divisible for s in image_size)
+    return (centres[:, 0] < width) & (centres[:, 1] < height)
