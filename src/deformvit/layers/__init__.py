@@ -10,12 +10,14 @@ from .position import (
 from .position_encoding import MCMD, FloaterEncoding, LearnedEmbedding, SinusoidalEncoding, gaussian_descriptors
 from .sampling import SamplingPoints, bilinear_grid_sample, reference_points, sample_bilinear
 from .mlp import Mlp
+from .neighborhood import NeighborhoodAttention2D, neighborhood_attention, neighborhood_attention_reference
 from .window import pad_to_multiple, window_partition, window_region_mask, window_reverse
 
 __all__ = [
     'FloaterEncoding',
     'LearnedEmbedding',
     'MCMD',
+    'NeighborhoodAttention2D',
     'SinusoidalEncoding',
     'Mlp',
     'PreNormBlock',
@@ -26,6 +28,8 @@ __all__ = [
     'bilinear_grid_sample',
     'deformable_relative_position_bias',
     'gaussian_descriptors',
+    'neighborhood_attention',
+    'neighborhood_attention_reference',
     'pad_to_multiple',
     'reference_points',
     'relative_position_index',
