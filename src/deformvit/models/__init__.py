@@ -5,6 +5,7 @@
 """
 from ._pyramid import PyramidBackbone, classifier_outputs
 from .dat import DAT, infer_dat_variant
+from .datpp import DATPlusPlus
 from .eapt import EAPT
 
-__all__ = ['DAT', 'EAPT', 'PyramidBackbone', 'classifier_outputs', 'infer_dat_variant']
+__all__ = ['DAT', 'DATPlusPlus', 'EAPT', 'PyramidBackbone', 'classifier_outputs', 'infer_dat_variant']

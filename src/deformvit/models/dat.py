@@ -190,12 +190,14 @@ class WindowAttention(nn.Module):
 
 class OffsetNetwork(nn.Sequential):
     """``theta_offset`` of DAT Fig. 2(b): depthwise ``k x k`` conv (stride ``r``), LayerNorm,
-    GELU and a 1x1 conv without bias to 2 channels ``(dy, dx)`` (DAT Sec. 3.2)."""
+    GELU and a 1x1 conv without bias to 2 channels ``(dy, dx)`` (DAT Sec. 3.2). ``padding`` defaults to
+    ``k // 2``."""
 
-    def __init__(self, channels: int, kernel_size: int, stride: int):
+    def __init__(self, channels: int, kernel_size: int, stride: int, padding: Optional[int] = None):
         super().__init__()
-        self.conv_dw = nn.Conv2d(channels, channels, kernel_size, stride, kernel_size // 2, groups=channels)
-        self.norm = LayerNorm2d(channels)
+        padding = kernel_size // 2 if padding is None else padding
+        self.conv_dw = nn.Conv2d(channels, channels, kernel_size, stride, padding, groups=channels)
+        self.norm = LayerNorm2d(channels, eps=1e-5)  # nn.LayerNorm's eps, as the release
         self.act = nn.GELU()
         self.conv_proj = nn.Conv2d(channels, 2, 1, bias=False)
 
@@ -305,6 +307,12 @@ class DeformableAttention(nn.Module):
         points = points.reshape(-1, self.n_groups, hk, wk, 2)  # (B*G, Hk, Wk, 2) -> (B, G, Hk, Wk, 2)
         return points, reference.expand_as(points), feature_size, self.sample_align_corners
 
+    @staticmethod
+    def query_points(height: int, width: int, device: torch.device) -> torch.Tensor:
+        """Where the relative position bias (Eq. (9)) places the query pixels: ``(H, W, 2)`` ``(y, x)`` in
+        ``[-1, 1]``, the reference grid of the query map."""
+        return reference_points(height, width, device)
+
     def key_grid_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
         """Reference grid ``H_G x W_G`` for a ``size`` query map."""
         return tuple(_conv_out(s, self.offset_kernel_size, self.offset_stride) for s in size)
@@ -358,7 +366,7 @@ class DeformableAttention(nn.Module):
 
         bias = None
         if self.position_bias == 'relative':
-            queries = reference_points(h, w, x.device).reshape(h * w, 2)
+            queries = self.query_points(h, w, x.device).reshape(h * w, 2)
             bias = deformable_relative_position_bias(
                 self.rel_pos_table, queries, points.reshape(b * self.n_groups, num_keys, 2), self.n_groups)
             bias = bias.to(q_heads.dtype)
@@ -749,14 +757,47 @@ _RELEASED_VARIANTS = {
 }
 
 
+# DAT++ (the official repository's 2023 release): first-stage width -> model name. ``datpp_base_384`` has
+# the same keys and shapes as ``datpp_base`` (its position tables stay sized for 224): it is named explicitly.
+_RELEASED_DATPP_VARIANTS = {64: 'datpp_tiny', 96: 'datpp_small', 128: 'datpp_base'}
+
+
+def is_datpp_state_dict(state_dict: Dict[str, torch.Tensor]) -> bool:
+    """Whether a state dict (official layout or ours) is a DAT++ one and not DAT's v1, read from its keys: a
+    local perception unit, a convolutional FFN's depthwise convolution or a neighborhood attention bias (``rpb``).
+    Both releases share the stem and stage names, widths and depths, so those do not tell them apart."""
+    for key in state_dict:
+        if '.local_perception_units.' in key or '.lpu.' in key or key.endswith('.rpb') or '.dwc.' in key:
+            return True
+    return False
+
+
+def _infer_datpp_variant(state_dict: Dict[str, torch.Tensor]) -> str:
+    first_norms = ('stages.0.layer_norms.0.norm.weight', 'stages.0.blocks.0.norm1.weight')  # official, ours
+    norm = next((v for k, v in state_dict.items() if k.endswith(first_norms)), None)
+    if norm is None:
+        raise ValueError('a DAT++ state dict without stages.0.layer_norms.0.norm.weight (official layout) or '
+                         'stages.0.blocks.0.norm1.weight (deformvit layout); expected one of them')
+    width = norm.shape[0]
+    if width not in _RELEASED_DATPP_VARIANTS:
+        raise ValueError(f'a DAT++ model with first-stage width {width} is not one of the released ones '
+                         f'(64, 96, 128: datpp_tiny, datpp_small, datpp_base); name it explicitly (--model)')
+    return _RELEASED_DATPP_VARIANTS[width]
+
+
 def infer_dat_variant(state_dict: Dict[str, torch.Tensor]) -> str:
-    """Name of the released DAT model a state dict (official or ours) belongs to.
+    """Name of the released DAT or DAT++ model a state dict (official or ours) belongs to.
+
+    DAT++ files (:func:`is_datpp_state_dict`) are told apart from v1 ones by their keys, then named by
+    their first-stage width; a ``datpp_base_384`` file reads as ``datpp_base`` (same architecture).
 
     Raises:
         ValueError: the layout matches none of ``dat_tiny``, ``dat_small``, ``dat_base``,
-            ``dat_base_384``.
+            ``dat_base_384``, ``datpp_tiny``, ``datpp_small``, ``datpp_base``.
     """
     state_dict = unwrap_state_dict(state_dict)
+    if is_datpp_state_dict(state_dict):
+        return _infer_datpp_variant(state_dict)
     if 'patch_proj.0.weight' in state_dict:  # official layout
         stem = state_dict['patch_proj.0.weight'].shape[0]
         depth = len({k.split('.')[3] for k in state_dict if k.startswith('stages.2.attns.')})

@@ -4,7 +4,7 @@ import os
 from typing import Optional
 
 from ..checkpoint import check_output_file, load_state_dict_file, save_safetensors, unwrap_state_dict
-from ..models.dat import checkpoint_filter_fn, infer_dat_variant
+from ..models.dat import infer_dat_variant
 from ..tasks import create_model
 
 __all__ = ['convert_checkpoint']
@@ -37,7 +37,7 @@ def convert_checkpoint(
     state_dict = unwrap_state_dict(load_state_dict_file(src, weights_only=weights_only))
     model_name = model_name or infer_dat_variant(state_dict)
     model = create_model(model_name, **model_kwargs)
-    converted = checkpoint_filter_fn(state_dict, model)
+    converted = type(model).checkpoint_filter(state_dict, model)
     model.load_state_dict(converted, strict=True)
     metadata = {'architecture': model_name, 'model_kwargs': json.dumps(model_kwargs), 'source': os.path.basename(src)}
     save_safetensors(model.state_dict(), dst, metadata=metadata)
