@@ -1,6 +1,6 @@
 """Throughput, latency and peak memory of deformvit models next to timm references, in one run.
 
-    deformvit bench                                     # dat_tiny, eapt_small + 4 timm references
+    deformvit bench                                     # dat_tiny, datpp_tiny, eapt_small + 4 timm references
     deformvit bench --models dat_tiny --references convnext_tiny --mode both --batch 32
     deformvit bench --device cuda --precision fp32 bf16 --compile --csv bench.csv
     deformvit bench --device meta --batch 64 --mode train   # peak memory only, nothing allocated
@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 MODES = ('infer', 'train')
-DEFAULT_MODELS = ('dat_tiny', 'eapt_small')
+DEFAULT_MODELS = ('dat_tiny', 'datpp_tiny', 'eapt_small')
 SWIN_T = 'swin_tiny_patch4_window7_224'
 DEFAULT_REFERENCES = (SWIN_T, 'deit_small_patch16_224', 'convnext_tiny', 'pvt_v2_b2')
 DETECTION_BACKBONES = ('resnet50', SWIN_T, 'eapt_small')  # EAPT Table IV's R-50, Swin-T and EAPT-S
