@@ -4,8 +4,9 @@ any-size inputs, features, gradients and official-code logits.
 ``fixtures/datpp_official_mini.pth`` is a release-format checkpoint (``{'model': state_dict}``) of a
 narrow DAT++ (widths 16-128, every block kind, 10 classes) built with random weights by the official
 code (LeapLabTHU/DAT ``models/dat.py``, ``nat.py`` at b580702, ``dat_blocks.py`` at 2f31405, natten's
-two kernels replaced by their definitions); the JSON beside it holds the official logits for seeded
-``torch.randn`` inputs at 224x224 and 80x112.
+two kernels replaced by their definitions) through ``benchmarks/compare_official.py --release datpp
+--write-fixture``; the JSON beside it holds the official logits for seeded ``torch.randn`` inputs at
+224x224 and 80x112.
 """
 import json
 from pathlib import Path

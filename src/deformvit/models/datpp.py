@@ -20,6 +20,8 @@ Feature maps are channels-last ``(B, H, W, C)`` inside the network; any input of
 are read at normalised displacements, so their size never depends on the input's). Official
 checkpoints (``{'model': state_dict}``) load through :func:`checkpoint_filter_fn`.
 """
+import re
+import warnings
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -31,9 +33,9 @@ from ..checkpoint import unwrap_state_dict
 from ..layers import Mlp
 from ..layers.neighborhood import NeighborhoodAttention2D
 from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
-from .dat import DeformableAttention, OffsetNetwork
+from .dat import DeformableAttention, OffsetNetwork, infer_dat_variant, is_datpp_state_dict
 
-__all__ = ['DATPlusPlus']
+__all__ = ['DATPlusPlus', 'dense_level_norms']
 
 BLOCK_TYPES = {
     'N': 'neighborhood attention (NAT, natten 0.14 semantics)',
@@ -406,13 +408,117 @@ def _official_key(key: str) -> Optional[str]:
     return key
 
 
+# the backbone of a detection / segmentation checkpoint (mmdetection, mmsegmentation, deformvit's own)
+DENSE_PREFIX = 'backbone.'
+# per-level output norms: the official dense backbone's LayerNormProxy (``norms.i.norm.*``) and
+# deformvit's PyramidFeatures / Semantic FPN LayerNorm2d (``norms.i.*``)
+_LEVEL_NORM = re.compile(r'^norms\.(\d+)\.(?:norm\.)?(weight|bias)$')
+# where a deformvit detector / segmentor keeps the backbone's own weights, under ``backbone.``
+_BODY_PREFIXES = ('body.model.', 'body.', 'model.')
+_STEMS = ('patch_proj.0.weight', 'stem.conv1.weight')  # official layout, ours
+
+
+def _split_dense(state_dict: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor], bool]:
+    """``(backbone, level_norms, dense)`` of a state dict.
+
+    A dense-prediction state dict (any ``backbone.`` key) gives its ``backbone.`` part without
+    the prefix (and without the ``body.`` / ``model.`` wrappers of deformvit's own detectors and
+    segmentors, whose FPN ``fpn.*`` is dropped), the per-level output norms apart as
+    ``norms.{i}.{weight,bias}``, and ``dense=True``; neck and head keys are dropped. Any other
+    state dict is returned as it is.
+    """
+    if not any(key.startswith(DENSE_PREFIX) for key in state_dict):
+        return state_dict, {}, False
+    backbone, level_norms = {}, {}
+    for key, value in state_dict.items():
+        if not key.startswith(DENSE_PREFIX):
+            continue  # neck.*, rpn_head.*, roi_head.*, bbox_head.*, decode_head.*, auxiliary_head.*, ...
+        key = key[len(DENSE_PREFIX):]
+        match = _LEVEL_NORM.match(key)
+        if match:
+            level_norms[f'norms.{match.group(1)}.{match.group(2)}'] = value
+            continue
+        key = next((key[len(p):] for p in _BODY_PREFIXES if key.startswith(p)), key)
+        if not key.startswith('fpn.'):
+            backbone[key] = value
+    return backbone, level_norms, True
+
+
+def dense_level_norms(checkpoint: Dict, stages: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+    """The per-level output norms of a detection / segmentation checkpoint, in deformvit's layout.
+
+    The official DAT++ dense backbones (LeapLabTHU DAT-Detection / DAT-Segmentation, ``DAT`` in
+    ``models/backbones/dat.py``) LayerNorm every stage output before the neck:
+    ``backbone.norms.{i}.norm.{weight,bias}`` for stage ``i``. They are not weights of the
+    classification backbone; in deformvit they are the LayerNorm2d of each level in
+    :class:`~deformvit.tasks.necks.PyramidFeatures` (``norms.{j}``, under ``backbone.`` in a
+    detector) and in the Semantic FPN decoder (``decoder.norms.{j}``), numbered by the
+    backbone's outputs, not its stages: a RetinaNet reads stages 1-3 as levels 0-2.
+
+    Args:
+        checkpoint: the file's top-level dict (``{'state_dict': ...}``) or its state dict.
+        stages: the stage of each output level (``[1, 2, 3]`` for strides 8-32); None: level ``i``
+            is stage ``i``.
+
+    Returns:
+        ``{'norms.{j}.weight': ..., 'norms.{j}.bias': ...}`` (empty when there are none), e.g.
+        ``detector.backbone.load_state_dict(dense_level_norms(ckpt, stages), strict=False)``.
+
+    Raises:
+        KeyError: the checkpoint has norms but none for one of ``stages``.
+    """
+    norms = _split_dense(unwrap_state_dict(checkpoint))[1]
+    if not norms or stages is None:
+        return norms
+    return {f'norms.{level}.{p}': norms[f'norms.{stage}.{p}'] for level, stage in enumerate(stages)
+            for p in ('weight', 'bias')}
+
+
+def _key_summary(state_dict: Dict[str, torch.Tensor]) -> str:
+    prefixes = sorted({key.split('.')[0] + '.*' for key in state_dict})
+    return ', '.join(prefixes[:8]) + (' ...' if len(prefixes) > 8 else '') if prefixes else 'no tensors'
+
+
+def _check_datpp_backbone(backbone: Dict[str, torch.Tensor], original: Dict[str, torch.Tensor],
+                          model: nn.Module) -> None:
+    """Refuse a state dict without DAT++ backbone weights, or a DAT (v1) one, naming what was expected."""
+    v1_stems = ('patch_proj.0.weight', 'stem.conv.weight')  # DAT v1: official layout, ours
+    if any(k in backbone for k in v1_stems) and not is_datpp_state_dict(backbone) \
+            and is_datpp_state_dict(model.state_dict()):
+        try:
+            variant = f' (a {infer_dat_variant(backbone)} one)'
+        except ValueError:
+            variant = ''
+        raise ValueError(
+            f'this is a DAT (v1) checkpoint{variant}, not a DAT++ one: it has no local perception units '
+            '(stages.i.local_perception_units.* / stages.i.blocks.j.lpu.*), convolutional FFNs (.dwc.) or '
+            'neighborhood attention biases (.rpb); load it with the DAT models (dat_tiny, dat_small, ...), '
+            'or pass a DAT++ checkpoint')
+    if not any(k in backbone for k in _STEMS):
+        raise ValueError(
+            'no DAT++ backbone weights in this checkpoint: expected patch_proj.0.weight (official DAT++ '
+            'classification release, {"model": state_dict}), backbone.patch_proj.0.weight (official DAT++ '
+            'detection / segmentation checkpoint, {"state_dict": state_dict}) or stem.conv1.weight (deformvit); '
+            f'it holds {_key_summary(original)}')
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DATPlusPlus) -> Dict[str, torch.Tensor]:
     """Convert a DAT++ release state dict (or ours) to this model's layout.
 
     Unwraps ``'model'`` / ``'state_dict'``, drops derived buffers, renames keys and turns the
-    release's 1x1-convolution projections into linear weights.
+    release's 1x1-convolution projections into linear weights. Detection and segmentation
+    checkpoints (official mmdetection / mmsegmentation ones, or deformvit's) give their
+    ``backbone.`` part; their neck and head keys are dropped, and so are the per-level output
+    norms ``backbone.norms.{i}.norm.*`` (with a warning: they belong to the neck,
+    :func:`dense_level_norms`). Such a file has no classifier norm: the model keeps its own.
+
+    Raises:
+        ValueError: the state dict holds no DAT++ backbone (only neck / head keys, another
+            model's) or is a DAT (v1) one.
     """
-    state_dict = unwrap_state_dict(state_dict)
+    original = unwrap_state_dict(state_dict)
+    state_dict, level_norms, dense = _split_dense(original)
+    _check_datpp_backbone(state_dict, original, model)
     own = model.state_dict()
     official = 'patch_proj.0.weight' in state_dict or 'cls_head.weight' in state_dict
     out = {}
@@ -425,6 +531,16 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DATPlusPlus
         if target is not None and value.ndim == 4 and target.ndim == 2 and value.shape[2:] == (1, 1):
             value = value.flatten(1)  # 1x1 conv (C_out, C_in, 1, 1) -> linear (C_out, C_in)
         out[key] = value
+    if dense:
+        for key in ('norm.weight', 'norm.bias'):  # the classifier's norm, not part of a dense backbone
+            if key in own and key not in out:
+                out[key] = own[key]
+    if level_norms:
+        levels = ','.join(str(i) for i in sorted({int(k.split('.')[1]) for k in level_norms}))
+        warnings.warn(
+            f'the per-level output norms of this detection / segmentation checkpoint (backbone.norms.{{{levels}}}) '
+            'are not backbone weights and were not loaded: they are the level LayerNorms of the neck '
+            '(PyramidFeatures.norms); read them with deformvit.models.datpp.dense_level_norms', stacklevel=2)
     return out
 
 

@@ -6,6 +6,7 @@ produce un-normalised stage outputs (only the last stage has a norm, for the cla
 so every output level gets its own LayerNorm, as Swin Transformer and DAT do when used in
 detection and segmentation frameworks.
 """
+import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -17,9 +18,11 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
+from ..checkpoint import load_state_dict_file
 from ..errors import unknown_model_argument
+from ..models.datpp import dense_level_norms
 
-__all__ = ['ChannelsFirst', 'PyramidFeatures', 'create_backbone', 'input_normalisation']
+__all__ = ['ChannelsFirst', 'PyramidFeatures', 'create_backbone', 'input_normalisation', 'load_level_norms']
 
 
 def input_normalisation(name: str) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
@@ -59,7 +62,9 @@ def create_backbone(
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
     if drop_path_rate:
         kwargs['drop_path_rate'] = drop_path_rate
-    model = _features(name, **kwargs)
+    with warnings.catch_warnings():  # a dense file's level norms: the builders give them to the neck (load_level_norms)
+        warnings.filterwarnings('ignore', message='the per-level output norms')
+        model = _features(name, **kwargs)
     reductions = model.feature_info.reduction()
     missing = [s for s in strides if s not in reductions]
     if missing:
@@ -67,11 +72,50 @@ def create_backbone(
                          f'pyramid backbone with levels at strides {list(strides)}')
     if reductions != list(strides):
         indices = tuple(len(reductions) - 1 - reductions[::-1].index(s) for s in strides)  # the last level of each
-        model = _features(name, out_indices=indices, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings('ignore', message='the per-level output norms')
+            model = _features(name, out_indices=indices, **kwargs)
     output_fmt = getattr(model, 'output_fmt', 'NCHW')
     if getattr(output_fmt, 'value', output_fmt) == 'NHWC':
         return ChannelsFirst(model)
     return model
+
+
+def load_level_norms(model: nn.Module, body: nn.Module, pretrained: Optional[str]) -> bool:
+    """Give each pyramid level's LayerNorm the per-level output norm of a detection / segmentation file.
+
+    The official DAT++ detection and segmentation checkpoints LayerNorm every stage output before the
+    neck (``backbone.norms.{stage}.norm.*``); in deformvit those are the level norms ``norms.{level}``
+    of :class:`PyramidFeatures` or of the Semantic FPN decoder, numbered by the backbone's outputs
+    (a RetinaNet reads stages 1-3 as levels 0-2). Files without such norms (classification weights)
+    leave the model as it is.
+
+    Args:
+        model: the detector or segmentor built on ``body``.
+        body: its ``features_only`` backbone (its ``feature_info`` names the stage of each level).
+        pretrained: the backbone weights file, or None.
+
+    Returns:
+        Whether norms were loaded.
+    """
+    if not pretrained:
+        return False
+    checkpoint = load_state_dict_file(pretrained)
+    if not dense_level_norms(checkpoint):
+        return False
+    try:
+        stages = [int(name.rsplit('.', 1)[-1]) for name in body.feature_info.module_name()]
+    except ValueError:
+        stages = list(range(len(body.feature_info)))
+    target = next((m.norms for m in model.modules() if isinstance(getattr(m, 'norms', None), nn.ModuleList)
+                   and len(m.norms) == len(stages)), None)
+    if target is None:
+        warnings.warn(f'{pretrained} has per-level output norms but this model normalises no pyramid level '
+                      '(e.g. UperNet): they are not used', stacklevel=2)
+        return False
+    norms = dense_level_norms(checkpoint, stages)
+    target.load_state_dict({key[len('norms.'):]: value for key, value in norms.items()})
+    return True
 
 
 def _features(name: str, **kwargs) -> nn.Module:
@@ -132,7 +176,8 @@ class PyramidFeatures(nn.Module):
         super().__init__()
         channels = backbone.feature_info.channels()
         self.body = backbone
-        self.norms = nn.ModuleList(LayerNorm2d(c) if level_norm else nn.Identity() for c in channels)
+        # nn.LayerNorm's eps, as the dense backbones of Swin Transformer and DAT
+        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-5) if level_norm else nn.Identity() for c in channels)
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
         self.strides = backbone.feature_info.reduction()

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ...errors import UsageError, closest
-from ..necks import PyramidFeatures, create_backbone, input_normalisation
+from ..necks import PyramidFeatures, create_backbone, input_normalisation, load_level_norms
 
 __all__ = ['Detector']
 
@@ -114,6 +114,7 @@ class Detector:
         transform = dict(min_size=min_size, max_size=max_size, image_mean=list(mean), image_std=list(std))
         model = cls.assemble(body, num_classes, fpn_channels, tuple(anchor_sizes), representation_size, transform,
                              **detector_kwargs)
+        load_level_norms(model, body, pretrained_backbone)
         model.config = dict(backbone=backbone, num_classes=num_classes, min_size=min_size, max_size=max_size,
                             fpn_channels=fpn_channels, anchor_sizes=tuple(anchor_sizes),
                             representation_size=representation_size, backbone_kwargs=backbone_kwargs,

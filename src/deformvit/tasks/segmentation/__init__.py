@@ -8,7 +8,7 @@ line in the table.
 from typing import Dict, Optional, Type
 
 from ..base import registered
-from ..necks import create_backbone, input_normalisation
+from ..necks import create_backbone, input_normalisation, load_level_norms
 from .segmentor import Decoder, Segmentor
 from .semantic_fpn import SemanticFPNDecoder
 from .upernet import UPerNet
@@ -57,6 +57,7 @@ def build_segmentor(name: str = 'upernet', backbone: str = 'dat_tiny', num_class
     levels = body.feature_info
     model = Segmentor(body, decoder(levels.channels(), levels.reduction(), channels or decoder.default_channels,
                                     fpn_channels), num_classes, auxiliary_head)
+    load_level_norms(model, body, pretrained_backbone)
     model.config = dict(decoder=name, backbone=backbone, num_classes=num_classes, channels=channels,
                         auxiliary_head=auxiliary_head, fpn_channels=fpn_channels,
                         backbone_kwargs=dict(backbone_kwargs or {}))

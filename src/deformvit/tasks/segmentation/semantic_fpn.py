@@ -33,7 +33,7 @@ class SemanticFPNDecoder(Decoder):
     def __init__(self, in_channels: Sequence[int], strides: Sequence[int], channels: int = default_channels,
                  fpn_channels: int = 256):
         super().__init__()
-        self.norms = nn.ModuleList(LayerNorm2d(c) for c in in_channels)
+        self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-5) for c in in_channels)  # nn.LayerNorm's eps
         self.fpn = FeaturePyramidNetwork(list(in_channels), fpn_channels)
         self.scale_heads = nn.ModuleList()
         for stride in strides:
