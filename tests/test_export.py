@@ -366,3 +366,17 @@ def test_onnx_of_an_official_dat_checkpoint_gives_the_official_logits(fixtures, 
     (logits,) = onnx_session(path).run(None, {'images': x.numpy()})
     official = np.array(meta['logits'])
     assert np.abs(logits - official).max() / np.abs(official).max() < 1e-4
+
+
+def test_datpp_onnx_equals_pytorch_through_every_neighborhood_path(tmp_path):
+    """A narrow DAT++ at 64x96: stage 1's neighborhood attention gathers (16x24 tokens), stage 2's is
+    dense (8x12), stage 3's pads its 4x6 map to the 7x7 window; the batch axis stays dynamic."""
+    torch.manual_seed(0)
+    model = timm.create_model('datpp_tiny', embed_dims=(16, 32, 64, 128), stage_spec=('ND', 'ND', 'DN', 'D'),
+                              num_heads=(1, 2, 4, 8), groups=(1, 1, 2, 4), num_classes=10).eval()
+    path = tmp_path / 'datpp.onnx'
+    report = export.export_onnx(model, str(path), size=(64, 96))
+    assert report.written and report.passed and input_dims(path) == ['batch', 3, 64, 96]
+    session = onnx_session(path)
+    for batch in (1, 3):
+        assert max_diff_onnx(session, model, torch.randn(batch, 3, 64, 96)) < TOLERANCE

@@ -371,7 +371,10 @@ def _gathered_attention(q, k, v, rpb, kernel_size, dilation, dropout_p):
     batch, heads, height, width, head_dim = q.shape
     neighbours, tokens = kernel_size ** 2, height * width
     budget = GATHER_CHUNK_ELEMENTS['cpu' if q.device.type == 'cpu' else 'other']
-    chunk = min(max(budget // (tokens * batch * heads * head_dim), 1), neighbours)
+    # a symbolic batch (torch.export with a dynamic batch axis) sizes the chunks per sample, so that the
+    # graph does not depend on the batch size
+    samples = batch if isinstance(batch, int) else 1
+    chunk = min(max(budget // (tokens * samples * heads * head_dim), 1), neighbours)
     keys, bias = _tables((height, width), kernel_size, dilation, q.device)  # (k*k, N) each
     # (B, heads, H, W, d) -> (H, W, B, heads, d) -> (N, B*heads, d)
     q, k, v = (t.permute(2, 3, 0, 1, 4).reshape(tokens, batch * heads, head_dim).contiguous() for t in (q, k, v))

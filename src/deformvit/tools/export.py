@@ -55,6 +55,8 @@ FORMATS = {'onnx': '.onnx', 'exported-program': '.pt2'}
 _FIXED_SPATIAL = {
     'DAT': 'DAT computes window padding, shift-window masks, window counts, the reference and query grids of '
            'deformable attention and resampled position tables from the input size',
+    'DATPlusPlus': 'DAT++ computes the neighborhood windows and their bias indices, the padding of maps smaller '
+                   'than the window, and the reference and query grids of deformable attention from the input size',
     'EAPT': 'EAPT computes the window geometry (padding, window counts, padding masks), the position encoding '
             'of the map, the clamp limits of the deformed positions and the En-DeC padding from the input size',
 }
@@ -114,15 +116,15 @@ class ExportReport:
 
 
 def model_names() -> List[str]:
-    """The registered DAT and EAPT models."""
-    return timm.list_models(module=['dat', 'eapt'])
+    """The registered DAT, DAT++ and EAPT models."""
+    return timm.list_models(module=['dat', 'datpp', 'eapt'])
 
 
 def _backbone(model: nn.Module) -> nn.Module:
     """The DAT / EAPT inside ``model`` (a ``features_only`` wrapper holds it as ``model.model``)."""
     inner = getattr(model, 'model', model)
     if not isinstance(inner, PyramidBackbone) or type(inner).__name__ not in _FIXED_SPATIAL:
-        raise ValueError(f'cannot export a {type(model).__name__}: expected a DAT or EAPT model '
+        raise ValueError(f'cannot export a {type(model).__name__}: expected a DAT, DAT++ or EAPT model '
                          f'({", ".join(model_names())})')
     return inner
 
