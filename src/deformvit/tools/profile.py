@@ -32,6 +32,7 @@ _CAPTIONS = {
     ('DAT', 'Table 7'): 'deformable attention in different stages',
     ('DAT', 'Table 8'): 'Deformable-DETR attention in place of deformable attention (Appendix A)',
     ('DAT', 'Table 9'): 'convolutional patch embeddings (Appendix B)',
+    ('DAT++', 'ImageNet-1K'): 'the models of the official release (LeapLabTHU/DAT, 2023)',
     ('EAPT', 'Table III'): 'ImageNet-1K models',
     ('EAPT', 'Table VII'): 'component combinations on EAPT-S (the paper prints accuracies only)',
     ('EAPT', 'Table VIII'): 'position encodings of EAPT-S (the paper prints accuracies only)',
