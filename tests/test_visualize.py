@@ -109,6 +109,25 @@ def test_recording_is_switched_off_afterwards_and_leaves_default_outputs_unchang
     assert all(torch.allclose(r.attention.sum(-1), torch.ones(())) for r in records)
 
 
+def test_datpp_records_its_deformable_attention_and_draws_the_dat_figures(tmp_path):
+    """DAT++'s deformable blocks record points and attention as DAT's do: the same figures apply."""
+    torch.manual_seed(0)
+    model = timm.create_model('datpp_tiny', embed_dims=(16, 32, 64, 128), stage_spec=('ND', 'ND', 'DN', 'D'),
+                              num_heads=(1, 2, 4, 8), groups=(1, 1, 2, 4), num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        plain = model(x)
+    logits, records = vis.record_deformable_attention(model, x)
+    torch.testing.assert_close(logits, plain, rtol=1e-4, atol=1e-5)
+    assert len(records) == len(model.deformable_blocks()) == 4
+    for record in records:
+        assert torch.allclose(record.attention.sum(-1), torch.ones(()))
+        points = record.sampling.points
+        assert points.abs().max() <= 1  # the release clamps its points to the map
+    figure = vis.draw_sampling_points(np.zeros((64, 96, 3)), [r.sampling for r in records])
+    assert len([ax for ax in figure.axes if ax.has_data()]) == 4
+
+
 # ---------------------------------------------------------------- DAT Fig. 6
 
 def test_drawn_sampling_points_lie_where_forward_sampling_points_says():

@@ -38,7 +38,7 @@ import torch.nn as nn
 from PIL import Image
 
 from ...layers import SamplingPoints
-from ...models import DAT, EAPT
+from ...models import DAT, EAPT, DATPlusPlus
 from .analysis import (
     EDGE_SAMPLES,
     AttentionRecord,
@@ -84,11 +84,11 @@ FIGURES: Dict[str, Tuple[str, ...]] = {
 
 
 def _family(model: nn.Module) -> str:
-    if isinstance(model, DAT):
+    if isinstance(model, (DAT, DATPlusPlus)):  # DAT++'s deformable attention records what DAT's does
         return 'dat'
     if isinstance(model, EAPT):
         return 'eapt'
-    raise ValueError(f'{type(model).__name__} is neither a DAT nor an EAPT model; visualize draws those two families')
+    raise ValueError(f'{type(model).__name__} is not a DAT, DAT++ or EAPT model; visualize draws those families')
 
 
 def _figures(requested: Sequence[str], family: str, has_deformable: bool) -> List[str]:

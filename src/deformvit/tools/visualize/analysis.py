@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...layers import SamplingPoints, attention_switches
-from ...models import DAT, EAPT
+from ...models import DAT, EAPT, DATPlusPlus
 from ...models.dat import WindowAttention
 
 __all__ = [
@@ -39,8 +39,9 @@ class AttentionRecord(NamedTuple):
 def record_deformable_attention(model: DAT, x: torch.Tensor) -> Tuple[torch.Tensor, List[AttentionRecord]]:
     """Run ``model`` on ``x`` and return its logits and one :class:`AttentionRecord` per deformable
     block, in network order (reusing :meth:`DAT.forward_sampling_points`)."""
-    if not isinstance(model, DAT):
-        raise ValueError(f'{type(model).__name__} is not a DAT model; the attention figures (DAT Figs. 5, 7) need one')
+    if not isinstance(model, (DAT, DATPlusPlus)):
+        raise ValueError(f'{type(model).__name__} is not a DAT or DAT++ model; the attention figures (DAT Figs. 5, 7) '
+                         'need one')
     blocks = model.deformable_blocks()
     if not blocks:
         raise ValueError('this DAT has no deformable attention blocks (no "D" in its stage_spec)')
