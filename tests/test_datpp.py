@@ -16,6 +16,7 @@ import timm
 import torch
 
 from deformvit.models.datpp import DATPlusPlus, checkpoint_filter_fn, release_reference_points
+from deformvit.tools.complexity import count_macs
 
 REFERENCE = Path(__file__).resolve().parents[2] / 'shared' / 'reference' / 'datpp_tiny_official_state_dict.tsv'
 FIXTURES = Path(__file__).parent / 'fixtures'
@@ -49,6 +50,14 @@ def test_datpp_tiny_state_dict_is_the_release_layout():
     assert set(converted) == set(own)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in own.items()}
     model.load_state_dict(converted, strict=True)
+
+
+@pytest.mark.parametrize('name, published', [('datpp_tiny', 4.3), ('datpp_small', 9.4)])
+def test_macs_at_224_match_the_published_figures(name, published):
+    """fvcore-convention MACs, neighborhood attention counted as its k^2 products per query."""
+    with torch.device('meta'):
+        model = timm.create_model(name)
+    assert count_macs(model) / 1e9 == pytest.approx(published, rel=0.01)
 
 
 @pytest.mark.parametrize('name, millions', [('datpp_tiny', 23.96), ('datpp_small', 53.13), ('datpp_base', 93.69),

@@ -273,7 +273,7 @@ def test_model_args_must_be_a_json_object(capsys):
 
 
 def test_library_refuses_models_it_does_not_know(tmp_path):
-    with pytest.raises(ValueError, match='expected a DAT or EAPT model'):
+    with pytest.raises(ValueError, match=r'expected a DAT, DAT\+\+ or EAPT model'):
         export.export_onnx(torch.nn.Conv2d(3, 8, 3), str(tmp_path / 'conv.onnx'), size=32)
     with pytest.raises(ValueError, match='opset 11 is not supported'):
         export.export_onnx(timm.create_model('dat_nano'), str(tmp_path / 'm.onnx'), opset=11)

