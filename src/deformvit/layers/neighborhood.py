@@ -475,6 +475,8 @@ def neighborhood_attention(
 
 def _counting_flops() -> bool:
     """Whether torch's FLOP counter (``deformvit.count_macs``) is watching: its dispatch mode is on the stack."""
+    if torch.compiler.is_compiling():  # traced graphs (torch.compile, torch.export) take the usual paths
+        return False
     return any(type(mode).__name__ == '_FlopCounterMode' for mode in _get_current_dispatch_mode_stack())
 
 
