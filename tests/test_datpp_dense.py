@@ -195,6 +195,25 @@ def test_own_detector_checkpoint_gives_its_backbone(source):
     assert not any(k.startswith(('fpn.', 'norms.', 'head.', 'body.', 'model.')) for k in converted)
 
 
+def test_new_detector_from_own_detector_file_keeps_its_own_level_norms(source, tmp_path):
+    """Our detectors number their level norms by level, not by stage: a new detector on such a file takes the
+    backbone and leaves its level norms to training (no stage-numbered norms to map)."""
+    model, _ = source
+    detector = build_detector('retinanet', backbone='datpp_tiny', num_classes=3, min_size=64, max_size=96,
+                              fpn_channels=32)
+    with torch.no_grad():
+        for norm in detector.backbone.norms:
+            norm.weight.fill_(2.0)
+    path = tmp_path / 'own_retinanet.pth'
+    torch.save({'model': detector.state_dict()}, path)
+    second = build_detector('faster_rcnn', backbone='datpp_tiny', num_classes=3, min_size=64, max_size=96,
+                            fpn_channels=32, pretrained_backbone=str(path))
+    assert all(torch.equal(norm.weight, torch.ones_like(norm.weight)) for norm in second.backbone.norms)
+    key = next(k for k in second.backbone.body.state_dict() if k.endswith('stages.3.blocks.0.attn.proj_k.weight'))
+    torch.testing.assert_close(second.backbone.body.state_dict()[key],
+                               detector.backbone.body.state_dict()[key])
+
+
 def test_neck_and_head_only_file_is_refused(source, tmp_path):
     state_dict = {k: v for k, v in dense_checkpoint(source[1])['state_dict'].items()
                   if not k.startswith('backbone.')}

@@ -6,6 +6,7 @@ produce un-normalised stage outputs (only the last stage has a norm, for the cla
 so every output level gets its own LayerNorm, as Swin Transformer and DAT do when used in
 detection and segmentation frameworks.
 """
+import re
 import warnings
 from collections import OrderedDict
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -18,7 +19,7 @@ from timm.layers import LayerNorm2d
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
-from ..checkpoint import load_state_dict_file
+from ..checkpoint import load_state_dict_file, unwrap_state_dict
 from ..errors import unknown_model_argument
 from ..models.datpp import dense_level_norms
 
@@ -81,14 +82,18 @@ def create_backbone(
     return model
 
 
+# the per-level output norms of the official DAT++ detection / segmentation backbones
+_OFFICIAL_LEVEL_NORM = re.compile(r'^backbone\.norms\.\d+\.norm\.(weight|bias)$')
+
+
 def load_level_norms(model: nn.Module, body: nn.Module, pretrained: Optional[str]) -> bool:
     """Give each pyramid level's LayerNorm the per-level output norm of a detection / segmentation file.
 
     The official DAT++ detection and segmentation checkpoints LayerNorm every stage output before the
     neck (``backbone.norms.{stage}.norm.*``); in deformvit those are the level norms ``norms.{level}``
     of :class:`PyramidFeatures` or of the Semantic FPN decoder, numbered by the backbone's outputs
-    (a RetinaNet reads stages 1-3 as levels 0-2). Files without such norms (classification weights)
-    leave the model as it is.
+    (a RetinaNet reads stages 1-3 as levels 0-2). Files without such norms (classification weights,
+    deformvit's own detectors and segmentors, whose level norms are the neck's) leave the model as it is.
 
     Args:
         model: the detector or segmentor built on ``body``.
@@ -100,8 +105,8 @@ def load_level_norms(model: nn.Module, body: nn.Module, pretrained: Optional[str
     """
     if not pretrained:
         return False
-    checkpoint = load_state_dict_file(pretrained)
-    if not dense_level_norms(checkpoint):
+    checkpoint = unwrap_state_dict(load_state_dict_file(pretrained))
+    if not any(_OFFICIAL_LEVEL_NORM.match(key) for key in checkpoint):  # deformvit's own files keep theirs
         return False
     try:
         stages = [int(name.rsplit('.', 1)[-1]) for name in body.feature_info.module_name()]
