@@ -13,8 +13,8 @@ pretrained_cfg_overlay=dict(file=...))`` and both are run on the same input.
 ``--release datpp``: the DAT++ release on the repository's main branch (``models/dat.py`` and
 ``models/nat.py`` at b580702, ``models/dat_blocks.py`` at 2f31405), ``datpp_official_configs.yaml``,
 models ``datpp_tiny`` ... ``datpp_base_384``, each compared at its evaluation size and at 256x320.
-The official ``models/nat.py`` imports natten 0.14, a compiled extension that is not installed
-here: **natten is replaced by an in-memory stand-in** (``natten`` / ``natten.functional``
+The official ``models/nat.py`` imports natten 0.14, a compiled extension that no longer builds
+against current torch: **natten is replaced by an in-memory stand-in** (``natten`` / ``natten.functional``
 modules put in ``sys.modules``) whose ``natten2dqkrpb`` / ``natten2dav`` (and the
 ``NATTEN2DQKRPBFunction`` / ``NATTEN2DAVFunction`` classes nat.py calls) gather each query's
 ``k x k`` neighbours with :func:`deformvit.layers.neighborhood.neighborhood_indices`; it is
