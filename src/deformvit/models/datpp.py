@@ -34,6 +34,7 @@ from ..layers import Mlp
 from ..layers.neighborhood import NeighborhoodAttention2D
 from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
 from .dat import DeformableAttention, OffsetNetwork, infer_dat_variant, is_datpp_state_dict
+from .dat import _official_key as dat_official_key
 
 __all__ = ['DATPlusPlus', 'dense_level_norms']
 
@@ -373,39 +374,27 @@ class DATPlusPlus(PyramidBackbone):
 
 
 def _official_key(key: str) -> Optional[str]:
-    """Map one key of the DAT++ release layout to ours (None: a derived buffer, dropped)."""
+    """Map one key of the DAT++ release layout to ours (None: a derived buffer, dropped).
+
+    The release keeps DAT's names (down-projections, layer norms, offset networks, classifier:
+    :func:`deformvit.models.dat._official_key`); its own are the two-convolution stem, the local
+    perception units, the convolutional FFN and the position table read at deformed points.
+    """
     parts = key.split('.')
-    if parts[-1] in ('relative_position_index', 'attn_mask', 'reference', 'q_grid'):
-        return None
     if parts[0] == 'patch_proj':
         return {'0': 'stem.conv1.', '1': 'stem.norm1.', '3': 'stem.conv2.', '4': 'stem.norm2.'}[parts[1]] + parts[-1]
-    if parts[0] == 'down_projs':
-        layer = 'conv.' if parts[2] == '0' else 'norm.'
-        return f'stages.{int(parts[1]) + 1}.downsample.{layer}{parts[-1]}'
-    if parts[0] == 'cls_norm':
-        return 'norm.' + parts[-1]
-    if parts[0] == 'cls_head':
-        return 'head.fc.' + parts[-1]
-    if parts[0] != 'stages':
-        return key
-    stage, kind, index, rest = parts[1], parts[2], int(parts[3]), parts[4:]
-    if kind == 'layer_norms':
-        return f'stages.{stage}.blocks.{index // 2}.norm{index % 2 + 1}.{rest[-1]}'
-    if kind == 'local_perception_units':
-        return f'stages.{stage}.blocks.{index}.lpu.{rest[-1]}'
-    if kind == 'mlps':
-        layer = {'linear1': 'fc1', 'linear2': 'fc2', 'dwc': 'dwc', 'chunk': None}[rest[0]]
-        if layer is None:  # plain MLP: chunk.linear1 / chunk.linear2
-            layer = {'linear1': 'fc1', 'linear2': 'fc2'}[rest[1]]
-        return f'stages.{stage}.blocks.{index}.mlp.{layer}.{rest[-1]}'
-    if kind == 'attns':
-        prefix = f'stages.{stage}.blocks.{index}.attn.'
-        if rest[0] == 'conv_offset':
-            return prefix + 'offset_net.' + {'0': 'conv_dw', '1': 'norm', '3': 'conv_proj'}[rest[1]] + '.' + rest[-1]
-        if rest[0] == 'rpe_table':
-            return prefix + 'rel_pos_table'
-        return prefix + '.'.join(rest)
-    return key
+    if parts[0] == 'stages' and len(parts) > 4:
+        stage, kind, index, rest = parts[1], parts[2], int(parts[3]), parts[4:]
+        if kind == 'local_perception_units':
+            return f'stages.{stage}.blocks.{index}.lpu.{rest[-1]}'
+        if kind == 'mlps':
+            layer = {'linear1': 'fc1', 'linear2': 'fc2', 'dwc': 'dwc', 'chunk': None}[rest[0]]
+            if layer is None:  # plain MLP: chunk.linear1 / chunk.linear2
+                layer = {'linear1': 'fc1', 'linear2': 'fc2'}[rest[1]]
+            return f'stages.{stage}.blocks.{index}.mlp.{layer}.{rest[-1]}'
+        if kind == 'attns' and rest[0] == 'rpe_table':
+            return f'stages.{stage}.blocks.{index}.attn.rel_pos_table'
+    return dat_official_key(key)
 
 
 # the backbone of a detection / segmentation checkpoint (mmdetection, mmsegmentation, deformvit's own)

@@ -63,9 +63,7 @@ def create_backbone(
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
     if drop_path_rate:
         kwargs['drop_path_rate'] = drop_path_rate
-    with warnings.catch_warnings():  # a dense file's level norms: the builders give them to the neck (load_level_norms)
-        warnings.filterwarnings('ignore', message='the per-level output norms')
-        model = _features(name, **kwargs)
+    model = _features(name, **kwargs)
     reductions = model.feature_info.reduction()
     missing = [s for s in strides if s not in reductions]
     if missing:
@@ -73,9 +71,7 @@ def create_backbone(
                          f'pyramid backbone with levels at strides {list(strides)}')
     if reductions != list(strides):
         indices = tuple(len(reductions) - 1 - reductions[::-1].index(s) for s in strides)  # the last level of each
-        with warnings.catch_warnings():
-            warnings.filterwarnings('ignore', message='the per-level output norms')
-            model = _features(name, out_indices=indices, **kwargs)
+        model = _features(name, out_indices=indices, **kwargs)
     output_fmt = getattr(model, 'output_fmt', 'NCHW')
     if getattr(output_fmt, 'value', output_fmt) == 'NHWC':
         return ChannelsFirst(model)
@@ -136,7 +132,9 @@ def _features(name: str, **kwargs) -> nn.Module:
 
 def _create(name: str, **kwargs) -> nn.Module:
     try:
-        return timm.create_model(name, features_only=True, **kwargs)
+        with warnings.catch_warnings():  # a dense file's level norms: the builders give them to the neck
+            warnings.filterwarnings('ignore', message='the per-level output norms')  # (load_level_norms)
+            return timm.create_model(name, features_only=True, **kwargs)
     except TypeError as error:
         usage = unknown_model_argument(name, error, {k: v for k, v in kwargs.items() if k != 'strict_img_size'},
                                        'backbone_kwargs')
