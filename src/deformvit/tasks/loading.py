@@ -64,8 +64,8 @@ def check_model_name(name: str) -> None:
     if isinstance(name, str) and timm.is_model(name):
         return
     hint = (closest(name, timm.list_models()) if isinstance(name, str) else '') or '; see timm.list_models()'
-    raise UsageError(f'unknown model {name!r}: expected a registered model (deformvit\'s dat_* and eapt_*, or any '
-                     f'timm model) or a weights file{hint}')
+    raise UsageError(f'unknown model {name!r}: expected a registered model (deformvit\'s dat_*, datpp_* and eapt_*, or '
+                     f'any timm model) or a weights file{hint}')
 
 
 def create_model(name: str, size: Optional[int] = None, **kwargs) -> nn.Module:
