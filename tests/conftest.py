@@ -14,6 +14,20 @@ import deformvit  # noqa: F401  (registers the models with timm)
 FIXTURES = Path(__file__).parent / 'fixtures'
 
 
+@pytest.fixture(autouse=True, scope='session')
+def _no_downloads(tmp_path_factory):
+    """No test reaches the internet or the user's cache: a download of official weights fails at once
+    (tests/test_hub.py lifts this for its loopback server) and the cache is a temporary folder."""
+    saved = {k: os.environ.get(k) for k in ('HF_HUB_OFFLINE', 'TORCH_HOME')}
+    os.environ.update(HF_HUB_OFFLINE='1', TORCH_HOME=str(tmp_path_factory.mktemp('torch_home')))
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

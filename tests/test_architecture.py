@@ -20,10 +20,11 @@ ROOT = PACKAGE.name
 RANKS = {
     'errors': 0,
     'layers': 1, 'checkpoint': 1, 'runtime': 1,
-    'models': 2, 'data': 2,
-    'tasks': 3,
-    'training': 4, 'tools': 4,
-    'cli': 5,
+    'hub': 2,
+    'models': 3, 'data': 3,
+    'tasks': 4,
+    'training': 5, 'tools': 5,
+    'cli': 6,
 }
 
 

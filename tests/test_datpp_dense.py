@@ -232,7 +232,7 @@ def test_dat_v1_file_is_refused_by_datpp(tmp_path):
                                                       'v1_dense.pth')):
         path = tmp_path / name
         torch.save(wrapper, path)
-        with pytest.raises(ValueError, match=r'DAT \(v1\) checkpoint \(a dat_tiny one\), not a DAT\+\+ one'):
+        with pytest.raises(ValueError, match=r'holds (dat_tiny weights \()?DAT \(v1\).*not datpp_tiny ones \(DAT\+\+\)'):
             timm.create_model('datpp_tiny', features_only=True, pretrained=True,
                               pretrained_cfg_overlay=dict(file=path))
 

@@ -70,7 +70,7 @@ def load_state_dict_file(path: str, weights_only: bool = True) -> Dict[str, torc
                 f'`deformvit convert {path} OUT.safetensors --trust-pickle` (or call '
                 f'load_state_dict_file(path, weights_only=False)) and load OUT.safetensors instead.') from err
         raise ValueError(f'{path} is not a readable PyTorch checkpoint: {str(err).splitlines()[0]}') from err
-    except (RuntimeError, EOFError) as err:
+    except (RuntimeError, EOFError, OSError) as err:  # a cut-off zip file can also fail as EINVAL
         raise ValueError(f'{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {err}') from err
 
 

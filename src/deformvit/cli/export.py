@@ -2,11 +2,9 @@
 import argparse
 import json
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
-import torch.nn as nn
-
-from ..tasks import TaskMismatchError, load_model
+from ..tasks import LoadedModel, TaskMismatchError, load_model
 from ..tools import export
 from .common import non_negative_float, non_negative_int, positive_int
 
@@ -15,14 +13,13 @@ __all__ = ['DESCRIPTION', 'add_arguments', 'run']
 DESCRIPTION = export.__doc__
 
 
-def _load(model: str, checkpoint: Optional[str], model_kwargs: Dict) -> Tuple[nn.Module, str]:
+def _load(model: str, checkpoint: Optional[str], model_kwargs: Dict) -> LoadedModel:
     """The classifier to export: a registered model (random weights, or ``checkpoint``'s) or a checkpoint file."""
     try:
-        loaded = load_model(model, checkpoint, task='classify', **model_kwargs)
+        return load_model(model, checkpoint, task='classify', **model_kwargs)
     except TaskMismatchError as err:
         raise ValueError(f'{err}; deformvit export writes classification models only, so detection and '
                          'segmentation models are not exportable by this command') from err
-    return loaded.model, loaded.architecture
 
 
 def _json_object(text: str) -> dict:
@@ -39,8 +36,9 @@ def _json_object(text: str) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('model', metavar='MODEL_OR_CHECKPOINT',
                         help='registered model (dat_tiny, eapt_small, ...) or a checkpoint file')
-    parser.add_argument('--checkpoint', help='weights of the named model: an official DAT release file, a '
-                                             '`deformvit convert` output or a classification training checkpoint')
+    parser.add_argument('--checkpoint', help="weights of the named model: 'official' (its official weights, "
+                                             'downloaded once), an official release file, a `deformvit convert` '
+                                             'output or a classification training checkpoint')
     parser.add_argument('--format', choices=tuple(export.FORMATS), default='onnx',
                         help='onnx (default) or exported-program (torch.export.save, .pt2)')
     parser.add_argument('--output', help='output file (default: MODEL.onnx / MODEL.pt2 in the current folder)')
@@ -81,7 +79,8 @@ def run(args: argparse.Namespace) -> None:
         export.check_opset(args.opset)
     if args.output:
         export.check_output_path(args.output, args.format)
-    model, name = _load(args.model, args.checkpoint, args.model_args)
+    loaded = _load(args.model, args.checkpoint, args.model_args)
+    model, name = loaded.model, loaded.architecture
     output = args.output or name + export.FORMATS[args.format]
     options = dict(size=args.size, batch=args.batch, static=args.static, check=not args.no_check,
                    tolerance=args.tolerance)
@@ -89,8 +88,7 @@ def run(args: argparse.Namespace) -> None:
         report = export.export_onnx(model, output, opset=args.opset, **options)
     else:
         report = export.export_program(model, output, **options)
-    weights = args.checkpoint or (args.model if os.path.isfile(args.model) else 'random (no --checkpoint)')
-    print(f'weights: {weights}')
+    print(f"weights: {loaded.weights if loaded.source != name else 'random (no --checkpoint)'}")
     for line in _describe(report, name):
         print(line)
     if not report.written:

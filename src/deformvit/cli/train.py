@@ -1,5 +1,6 @@
 """``deformvit train`` and ``deformvit eval``; the training flags every task's ``train`` shares."""
 import argparse
+import os
 from typing import Dict, Optional
 
 from ..runtime import init_distributed
@@ -44,8 +45,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, task: Task) -> None:
     parser.add_argument('--lr', type=float, help='absolute learning rate (default: lr_base scaled by global batch)')
     parser.add_argument('--output', help='run folder (default: runs/<model>-<data>-<time>)')
     parser.add_argument('--resume', action='store_true', help='continue the run in --output from its last checkpoint')
-    parser.add_argument('--pretrained', help='initialise the (backbone) model from weights (official DAT file or '
-                                             '.safetensors)')
+    parser.add_argument('--pretrained', help="initialise the (backbone) model from weights: 'official' (its "
+                                             'official ImageNet weights, downloaded once), an official release '
+                                             'file or .safetensors')
     parser.add_argument('--seed', type=int)
     parser.add_argument('--device', help='auto (default), cpu, cuda, cuda:N')
     parser.add_argument('--precision', choices=['auto', 'fp32', 'bf16', 'fp16'])
@@ -74,7 +76,8 @@ def evaluate(args: argparse.Namespace) -> Dict:
     overrides = {'img_size': args.img_size} if args.img_size else {}
     loaded = load_model(args.model, args.checkpoint, task='classify', **overrides)
     result, classes, data_cfg = evaluate_folder(loaded, args.data, ctx, args.img_size, args.batch_size, args.workers)
-    print(f'{args.checkpoint}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} '
+    label = args.checkpoint if os.path.exists(args.checkpoint) else loaded.weights
+    print(f'{label}: top-1 {result.top1:.2f}%, top-5 {result.top5:.2f}%, loss {result.loss:.4f} '
           f'on {result.images} images' + (f' ({result.skipped} unreadable images skipped)' if result.skipped else ''))
     print(f'preprocessing: resize {data_cfg["interpolation"]} with crop_pct {data_cfg["crop_pct"]}, center crop '
           f'{data_cfg["input_size"][1:]}, mean {data_cfg["mean"]}, std {data_cfg["std"]}')
@@ -91,7 +94,8 @@ def register(commands) -> None:
 
     parser = add_command(commands, 'eval', 'top-1/top-5 and per-class accuracy of a checkpoint', evaluate,
                          EVAL_DESCRIPTION)
-    parser.add_argument('checkpoint', help='a training checkpoint (.safetensors) or weights file with --model')
+    parser.add_argument('checkpoint', help="a training checkpoint (.safetensors), a weights file with --model, or "
+                                           "'official' with --model (or a model's name alone): its official weights")
     parser.add_argument('--data', help='folder of class folders, or a dataset root with val/; default: the '
                                        'held-out embedded digits')
     parser.add_argument('--model', help='architecture, when the file does not record it')

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help='figures to draw (default: all that apply to the model)')
     parser.add_argument('--model', help='registered model (default: the checkpoint\'s architecture, else dat_tiny, '
                                         'or eapt_small when only eapt-* figures are asked for)')
-    parser.add_argument('--checkpoint', help='official DAT release file, converted .safetensors, or a deformvit '
+    parser.add_argument('--checkpoint', help="'official' (the model's official weights, downloaded once), an "
+                                             'official release file, converted .safetensors, or a deformvit '
                                              'classification training checkpoint (default: random weights)')
     parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the random weights (default: 0)')
     parser.add_argument('--image', help='image file (default: the scikit-image photo --sample)')

@@ -17,13 +17,14 @@ import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import ClassifierHead, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import adapt_input_conv, build_model_with_cfg
+from timm.models import adapt_input_conv, build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..checkpoint import load_state_dict_file, tensor_shapes
+from ..hub import discard_on_failure, official_weights
 from ..layers import SamplingPoints, attention_switches
 
-__all__ = ['PyramidBackbone', 'build_pyramid', 'classifier_outputs', 'per_stage', 'pyramid_cfg']
+__all__ = ['PyramidBackbone', 'build_pyramid', 'classifier_outputs', 'official_source', 'per_stage', 'pyramid_cfg']
 
 # the classifier's weight in our layout and in the official DAT one
 CLASSIFIER_WEIGHTS = ('head.fc.weight', 'cls_head.weight')
@@ -261,13 +262,26 @@ class PyramidBackbone(nn.Module):
     def load_pretrained(self, checkpoint_path: str, weights_only: bool = True) -> None:
         """Load a checkpoint file (``.pth`` / ``.safetensors``) through ``checkpoint_filter``.
 
-        Called by ``timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH))``, which builds the model with the file's number
-        of classes unless ``num_classes`` is given (:func:`build_pyramid`). The classifier is
-        kept when its shape matches; a model built with another ``num_classes`` (fine-tuning)
-        or none starts from a new one. The stem is adapted when ``in_chans`` differs.
+        Called by ``timm.create_model(name, pretrained=True)`` with the official file from the cache,
+        or with ``pretrained_cfg_overlay=dict(file=PATH)`` with yours; the model is built with the
+        file's number of classes unless ``num_classes`` is given (:func:`build_pyramid`). The file's
+        layout is checked first (:meth:`check_weights_layout`). The classifier is kept when its
+        shape matches; a model built with another ``num_classes`` (fine-tuning) or none starts
+        from a new one. The stem is adapted when ``in_chans`` differs. A cached download that
+        fails here is removed (:func:`deformvit.hub.discard_on_failure`).
         """
-        state_dict = type(self).checkpoint_filter(load_state_dict_file(checkpoint_path, weights_only=weights_only), self)
+        with discard_on_failure(checkpoint_path):
+            self._load_weights_file(checkpoint_path, weights_only)
+
+    def check_weights_layout(self, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+        """Raise a ValueError naming the model a state dict belongs to when it is another model than this one
+        (a family with a way to tell, such as DAT's released variants, overrides this; by default any
+        layout passes on to the shape checks of loading)."""
+
+    def _load_weights_file(self, checkpoint_path: str, weights_only: bool) -> None:
+        loaded = load_state_dict_file(checkpoint_path, weights_only=weights_only)
+        self.check_weights_layout(loaded, os.fspath(checkpoint_path))
+        state_dict = type(self).checkpoint_filter(loaded, self)
         first_conv = getattr(self, 'pretrained_cfg', {}).get('first_conv', '') + '.weight'
         if self.in_chans != 3 and first_conv in state_dict:
             state_dict[first_conv] = adapt_input_conv(self.in_chans, state_dict[first_conv])
@@ -289,11 +303,13 @@ class PyramidBackbone(nn.Module):
                 f'{"..." if len(missing) > 8 else ""}, unexpected {unexpected[:8]}{"..." if len(unexpected) > 8 else ""}')
 
 
-def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwargs) -> PyramidBackbone:
+def build_pyramid(cls: type, variant: str, pretrained: bool, **kwargs) -> PyramidBackbone:
     """``build_model_with_cfg`` for a :class:`PyramidBackbone`, reading weights from a file.
 
-    No weights are bundled: ``pretrained=True`` needs
-    ``pretrained_cfg_overlay=dict(file=PATH)``; the file is read by ``load_pretrained``.
+    ``pretrained=True`` loads the model's official weights: the file its pretrained cfg's ``url``
+    names, downloaded once into the cache (:func:`deformvit.hub.official_weights`; timm's
+    ``cache_dir`` argument chooses another folder), or a file of your own with
+    ``pretrained_cfg_overlay=dict(file=PATH)``. Either is read by ``load_pretrained``.
     Without ``num_classes`` the model takes the file's: its classifier's outputs, or 0 (no
     classifier) for a file without one, so that no classifier is silently replaced by a random
     one; with ``num_classes`` (fine-tuning to other classes) a different count starts a new
@@ -302,13 +318,14 @@ def build_pyramid(cls: type, variant: str, pretrained: bool, family: str, **kwar
     out_indices = kwargs.pop('out_indices', tuple(range(len(kwargs.get('depths', (1, 1, 1, 1))))))
     overlay = dict(kwargs.pop('pretrained_cfg_overlay', None) or {})
     if pretrained and not overlay.get('file') and not overlay.get('state_dict'):
-        raise ValueError(
-            f'{variant}: no weights are bundled; pass the path of a {family} checkpoint file: '
-            f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file=PATH))")
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'),
+                                     pretrained_cfg_overlay=overlay)
+        overlay['file'] = official_weights(variant, kwargs.get('cache_dir'), pretrained_cfg=cfg)
     if overlay.get('file'):
         overlay.setdefault('custom_load', True)  # read by PyramidBackbone.load_pretrained
         if pretrained and 'num_classes' not in kwargs:
-            kwargs['num_classes'] = classifier_outputs(tensor_shapes(overlay['file']))
+            with discard_on_failure(overlay['file']):
+                kwargs['num_classes'] = classifier_outputs(tensor_shapes(overlay['file']))
     return build_model_with_cfg(
         cls, variant, pretrained,
         pretrained_filter_fn=cls.checkpoint_filter,
@@ -336,3 +353,11 @@ def pyramid_cfg(size: int = 224, **kwargs) -> Dict:
         'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
         'classifier': 'head.fc', 'license': 'apache-2.0', **kwargs,
     }
+
+
+def official_source(share_page: str, top1: float, release: str) -> Dict:
+    """The ``pretrained_cfg`` fields of official weights published on a share page of TsinghuaCloud (a Seafile
+    server, where ``?dl=1`` is the file's direct download): ``url``, ``origin_url`` and a ``description`` with
+    the release and its ImageNet-1k top-1 (%), as the release reports it."""
+    return dict(url=share_page + '?dl=1', origin_url=share_page,
+                description=f'{release} ImageNet-1k weights, top-1 {top1:.1f} %')

@@ -22,6 +22,7 @@ Checkpoints of the official release (``{'model': state_dict}``) load through
 :func:`checkpoint_filter_fn`, which renames keys, drops derived buffers and resizes position
 tables; :func:`infer_dat_variant` names the released model a state dict belongs to.
 """
+import contextlib
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -46,7 +47,7 @@ from ..layers import (
     sample_bilinear,
     window_region_mask,
 )
-from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
+from ._pyramid import PyramidBackbone, build_pyramid, official_source, per_stage, pyramid_cfg
 
 __all__ = ['DAT', 'infer_dat_variant']
 
@@ -817,12 +818,54 @@ def infer_dat_variant(state_dict: Dict[str, torch.Tensor]) -> str:
     return _RELEASED_VARIANTS[key]
 
 
+def check_release_layout(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Refuse, before loading, weights of another DAT release or released size than ``model``'s.
+
+    A DAT++ file for a DAT (v1) model or the reverse is told by its keys (:func:`is_datpp_state_dict`),
+    another size (T/S/B) by :func:`infer_dat_variant`; either is a ValueError naming both. A model at
+    384 takes its 224 counterpart's weights (the size-dependent tables are resized), and a file that is
+    no DAT model's, or a layout of no released size (``dat_nano``, other widths), passes on to the
+    shape checks of loading.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    v1_stems = ('patch_proj.0.weight', 'stem.conv.weight')  # official layout, ours (also under 'backbone.')
+    file_pp = is_datpp_state_dict(state_dict)
+    if not file_pp and not any(k.endswith(v1_stems) for k in state_dict):
+        return
+    own = model.state_dict()
+    model_pp = is_datpp_state_dict(own)
+    found = expected = None
+    with contextlib.suppress(ValueError):
+        found = infer_dat_variant(state_dict)
+    with contextlib.suppress(ValueError):
+        expected = infer_dat_variant(own)
+    if file_pp == model_pp and (found is None or expected is None or _stripped(found) == _stripped(expected)):
+        return
+    release = {True: 'DAT++', False: 'DAT (v1)'}
+    asked = getattr(model, 'pretrained_cfg', {}).get('architecture') or expected or type(model).__name__
+    if found:
+        holds = f'{found} weights ({release[file_pp]})'
+        use = (f"create {found} to load them (timm.create_model('{found}', pretrained=True, "
+               'pretrained_cfg_overlay=dict(file=PATH)))')
+    else:
+        holds = f'{release[file_pp]} weights'
+        examples = 'datpp_tiny, datpp_small' if file_pp else 'dat_tiny, dat_small'
+        use = f'load them into a {release[file_pp]} model ({examples}, ...)'
+    raise ValueError(f'{path} holds {holds}, not {asked} ones ({release[model_pp]}): {use}, or pass {asked} weights.')
+
+
+def _stripped(variant: str) -> str:
+    """The architecture of a released variant: ``*_384`` models are their 224 ones at another size."""
+    return variant[:-len('_384')] if variant.endswith('_384') else variant
+
+
 DAT.checkpoint_filter = staticmethod(checkpoint_filter_fn)
+DAT.check_weights_layout = check_release_layout
 DAT.no_decay_names = ('relative_position_bias_table', 'rel_pos_table', 'fixed_pos_bias')
 
 
 def _create_dat(variant: str, pretrained: bool = False, **kwargs) -> DAT:
-    return build_pyramid(DAT, variant, pretrained, 'official DAT release or deformvit .safetensors', **kwargs)
+    return build_pyramid(DAT, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:
@@ -831,12 +874,15 @@ def _cfg(**kwargs) -> Dict:
         paper_name='Vision Transformer with Deformable Attention', **kwargs)
 
 
+_RELEASE = 'https://cloud.tsinghua.edu.cn/f/'
+
 default_cfgs = generate_default_cfgs({
     'dat_nano.untrained': _cfg(size=32),
-    'dat_tiny.in1k': _cfg(),
-    'dat_small.in1k': _cfg(),
-    'dat_base.in1k': _cfg(),
-    'dat_base_384.in1k': _cfg(size=384),
+    # the official release (CVPR 2022); top-1 as its README reports it
+    'dat_tiny.in1k': _cfg(**official_source(_RELEASE + '1367349deefc48efa650/', 82.0, 'DAT')),
+    'dat_small.in1k': _cfg(**official_source(_RELEASE + 'f04b18081e3e4606adb7/', 83.7, 'DAT')),
+    'dat_base.in1k': _cfg(**official_source(_RELEASE + 'a8d2a9645d454120b635/', 84.0, 'DAT')),
+    'dat_base_384.in1k': _cfg(size=384, **official_source(_RELEASE + 'cf6a6b543cd64e0d8e43/', 84.8, 'DAT')),
 })
 
 

@@ -32,8 +32,8 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from ..checkpoint import unwrap_state_dict
 from ..layers import Mlp
 from ..layers.neighborhood import NeighborhoodAttention2D
-from ._pyramid import PyramidBackbone, build_pyramid, per_stage, pyramid_cfg
-from .dat import DeformableAttention, OffsetNetwork, infer_dat_variant, is_datpp_state_dict
+from ._pyramid import PyramidBackbone, build_pyramid, official_source, per_stage, pyramid_cfg
+from .dat import DeformableAttention, OffsetNetwork, check_release_layout, infer_dat_variant, is_datpp_state_dict
 from .dat import _official_key as dat_official_key
 
 __all__ = ['DATPlusPlus', 'dense_level_norms']
@@ -534,11 +534,12 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: DATPlusPlus
 
 
 DATPlusPlus.checkpoint_filter = staticmethod(checkpoint_filter_fn)
+DATPlusPlus.check_weights_layout = check_release_layout
 DATPlusPlus.no_decay_names = ('rel_pos_table', 'rpb')
 
 
 def _create_datpp(variant: str, pretrained: bool = False, **kwargs) -> DATPlusPlus:
-    return build_pyramid(DATPlusPlus, variant, pretrained, 'official DAT++ release', **kwargs)
+    return build_pyramid(DATPlusPlus, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:
@@ -547,11 +548,14 @@ def _cfg(**kwargs) -> Dict:
         paper_name='DAT++: Spatially Dynamic Vision Transformer with Deformable Attention', **kwargs)
 
 
+_RELEASE = 'https://cloud.tsinghua.edu.cn/f/'
+
 default_cfgs = generate_default_cfgs({
-    'datpp_tiny.in1k': _cfg(),
-    'datpp_small.in1k': _cfg(),
-    'datpp_base.in1k': _cfg(),
-    'datpp_base_384.in1k': _cfg(size=384),
+    # the official DAT++ release; top-1 as its README reports it
+    'datpp_tiny.in1k': _cfg(**official_source(_RELEASE + '14c5ddae10b642e68089/', 83.9, 'DAT++')),
+    'datpp_small.in1k': _cfg(**official_source(_RELEASE + '4c2a76360c964fbd81d5/', 84.6, 'DAT++')),
+    'datpp_base.in1k': _cfg(**official_source(_RELEASE + '8e30492404d348d89f25/', 84.9, 'DAT++')),
+    'datpp_base_384.in1k': _cfg(size=384, **official_source(_RELEASE + '032dc804cdf44bf18bb5/', 85.9, 'DAT++')),
 })
 
 _STAGE_SPEC = ('ND', 'NDND', 'ND' * 9, 'DD')

@@ -718,7 +718,7 @@ EAPT.no_decay_names = ('rel_pos_table', 'pos_embed', 'initial')
 
 
 def _create_eapt(variant: str, pretrained: bool = False, **kwargs) -> EAPT:
-    return build_pyramid(EAPT, variant, pretrained, 'deformvit EAPT', **kwargs)
+    return build_pyramid(EAPT, variant, pretrained, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict:

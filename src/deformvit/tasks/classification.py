@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from ..data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
 from ..errors import unknown_model_argument
+from ..hub import OFFICIAL, resolve_weights_spec
 from ..runtime import DistributedContext
 from .base import POSITIVE_INT, PROBABILITY, Evaluation, Limit, Task
 
@@ -63,8 +64,11 @@ class ClassificationTask(Task):
     def build_model(self, config: Dict, classes: List[str]):
         kwargs = dict(config['model_kwargs'], num_classes=len(classes), drop_path_rate=config['drop_path'],
                       img_size=config['img_size'])
-        if config['pretrained']:
-            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=config['pretrained']))
+        weights = resolve_weights_spec(config['pretrained'], config['model'])
+        if weights == OFFICIAL:  # downloaded once into the cache (deformvit.hub)
+            kwargs.update(pretrained=True)
+        elif weights:
+            kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights))
         try:
             try:
                 model = timm.create_model(config['model'], **kwargs)

@@ -2,7 +2,9 @@
 
 :func:`load_model` builds a model from
 
-- a registered name (``dat_tiny``, ``eapt_small``, any timm model): random weights;
+- a registered name (``dat_tiny``, ``eapt_small``, any timm model): random weights, or with the
+  checkpoint ``official`` (or the name itself as the checkpoint) the official weights that
+  ``timm.create_model(name, pretrained=True)`` downloads (:mod:`deformvit.hub`);
 - an official DAT release file (``{'model': state_dict}``) or any bare state dict, with the
   model named or, for DAT, inferred from the weights' shapes;
 - a ``deformvit convert`` output or a deformvit training checkpoint of any task: the
@@ -23,6 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointRecord, checkpoint_record, load_state_dict_file, tensor_shapes
 from ..errors import UsageError, closest
+from ..hub import OFFICIAL, resolve_weights_spec
 from ..models import DAT, EAPT, classifier_outputs, infer_dat_variant
 from .detection import build_detector
 from .segmentation import build_segmentor
@@ -47,7 +50,7 @@ class LoadedModel:
         architecture: the registered model (classification) or the detector / decoder name.
         task: ``'classify'``, ``'detect'`` or ``'segment'``.
         classes: class names in output order, when the file records them.
-        source: the weights file, or the name of a randomly initialised model.
+        source: the weights file, the page of official weights, or the name of a randomly initialised model.
         weights: the weights in words (``'weights best.safetensors'``, ``'random weights, untrained'``).
     """
     model: nn.Module
@@ -69,7 +72,8 @@ def check_model_name(name: str) -> None:
 
 
 def create_model(name: str, size: Optional[int] = None, **kwargs) -> nn.Module:
-    """``timm.create_model(name, **kwargs)`` with random weights, after :func:`check_model_name`.
+    """``timm.create_model(name, **kwargs)`` after :func:`check_model_name` (random weights unless ``kwargs`` ask
+    for pretrained ones).
 
     When ``size`` differs from the model's default input size and the model takes an ``img_size``
     argument (ViTs, Swin, DAT, EAPT), it is built for ``size``.
@@ -77,11 +81,14 @@ def create_model(name: str, size: Optional[int] = None, **kwargs) -> nn.Module:
     check_model_name(name)
     if size is not None and size < 1:
         raise UsageError(f'size must be a positive input side in pixels, got {size}')
-    model = _create(name, **kwargs)
-    default_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, size, size))[-1]
-    if size is not None and size != default_size and 'img_size' in inspect.signature(type(model)).parameters:
-        model = _create(name, img_size=size, **kwargs)
-    return model
+    cfg = timm.models.get_pretrained_cfg(name)
+    default_size = cfg.input_size[-1] if cfg is not None else None
+    if size is not None and size != default_size and 'img_size' not in kwargs:
+        try:
+            return _create(name, img_size=size, **kwargs)
+        except UsageError:  # a model without img_size: built for its own size
+            pass
+    return _create(name, **kwargs)
 
 
 def _create(name: str, **kwargs) -> nn.Module:
@@ -137,7 +144,9 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
     Args:
         model: a registered model name, or a weights file (then ``checkpoint`` must be None).
         checkpoint: the weights of the named model (any kind of file listed in the module's
-            docstring); None with a name: random weights (seed them with ``torch.manual_seed``).
+            docstring); ``'official'``: its official weights (``pretrained=True``), as is a
+            registered model's name; None with a name: random weights (seed them with
+            ``torch.manual_seed``).
         task: the task the caller expects (``'classify'``, ``'detect'``, ``'segment'``); None
             accepts any. A name alone is a classification model.
         default: the model used when neither ``model`` nor the file names one; None: for a
@@ -155,8 +164,26 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
         TaskMismatchError: a checkpoint of another task.
         ValueError: an unknown name, an unreadable file, another recorded architecture than
             ``model``, arguments a file cannot take, or weights that do not fit.
+        WeightsDownloadError: official weights that are not cached could not be downloaded
+            (:mod:`deformvit.hub`).
     """
     name, path = model, checkpoint
+    if checkpoint is not None and model is None and timm.is_model(checkpoint) and not os.path.exists(checkpoint):
+        name, path = checkpoint, OFFICIAL  # a model's name as its weights: the official ones
+    elif checkpoint == OFFICIAL and model is None:
+        name = default
+        if name is None:
+            raise UsageError(f"'{OFFICIAL}' weights of which model? name it (e.g. --model dat_tiny)")
+    if path is not None and name is not None and timm.is_model(name) and \
+            resolve_weights_spec(path, name) == OFFICIAL:
+        if task not in (None, 'classify'):
+            raise UsageError(f'the official {name} weights are a classifier\'s; a {TASK_NAMES.get(task, task)} model '
+                             'comes from a checkpoint of its training run')
+        _check_classes(f'the official {name} weights', _official_classes(name), model_kwargs)
+        network = create_model(name, size, pretrained=True, **model_kwargs).eval()
+        cfg = network.pretrained_cfg
+        return LoadedModel(network, name, 'classify', None, cfg.get('origin_url') or cfg.get('url') or name,
+                           f"official {name} weights ({cfg.get('description') or 'pretrained=True'})")
     if model is not None and not timm.is_model(model):
         if os.path.isfile(model) or _looks_like_a_file(model):
             if checkpoint is not None:
@@ -190,6 +217,11 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
         loaded = LoadedModel(network, name, 'classify', None, path, f'weights {os.path.basename(path)}')
     loaded.model.eval()
     return loaded
+
+
+def _official_classes(name: str) -> Optional[int]:
+    cfg = timm.models.get_pretrained_cfg(name)
+    return cfg.num_classes if cfg is not None else None
 
 
 def _check_classes(path: str, file_classes: Optional[int], model_kwargs: Dict) -> None:

@@ -21,6 +21,7 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock
 
 from ..checkpoint import load_state_dict_file, unwrap_state_dict
 from ..errors import unknown_model_argument
+from ..hub import OFFICIAL, names_official, resolve_weights_spec
 from ..models.datpp import dense_level_norms
 
 __all__ = ['ChannelsFirst', 'PyramidFeatures', 'create_backbone', 'input_normalisation', 'load_level_norms']
@@ -47,8 +48,10 @@ def create_backbone(
         name: a registered model (``dat_tiny``, ``eapt_small``, or any timm model with
             ``features_only``, e.g. ``swin_tiny_patch4_window7_224``, ``resnet50``).
         strides: output strides of the levels to return, finest first.
-        pretrained: path of a checkpoint of the classification model (an official DAT
-            release file or a deformvit ``.safetensors``); None keeps the random initialisation.
+        pretrained: ``'official'`` (or ``name``): the model's official ImageNet weights, downloaded
+            once (:mod:`deformvit.hub`); or the path of a checkpoint of the classification model (an
+            official release file, an official detection / segmentation file, or a deformvit
+            ``.safetensors``); None keeps the random initialisation.
         drop_path_rate: stochastic depth of the backbone.
         kwargs: further model arguments.
 
@@ -59,8 +62,11 @@ def create_backbone(
     Raises:
         ValueError: the model has no feature level at one of ``strides``.
     """
-    if pretrained:
-        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained))
+    weights = resolve_weights_spec(pretrained, name)
+    if weights == OFFICIAL:
+        kwargs.update(pretrained=True)
+    elif weights:
+        kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=weights))
     if drop_path_rate:
         kwargs['drop_path_rate'] = drop_path_rate
     model = _features(name, **kwargs)
@@ -94,12 +100,12 @@ def load_level_norms(model: nn.Module, body: nn.Module, pretrained: Optional[str
     Args:
         model: the detector or segmentor built on ``body``.
         body: its ``features_only`` backbone (its ``feature_info`` names the stage of each level).
-        pretrained: the backbone weights file, or None.
+        pretrained: the backbone weights file, or None (or ``'official'``: classification weights, no norms).
 
     Returns:
         Whether norms were loaded.
     """
-    if not pretrained:
+    if not pretrained or names_official(pretrained):
         return False
     checkpoint = unwrap_state_dict(load_state_dict_file(pretrained))
     if not any(_OFFICIAL_LEVEL_NORM.match(key) for key in checkpoint):  # deformvit's own files keep theirs

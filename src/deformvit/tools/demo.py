@@ -29,7 +29,8 @@ def demo_report(model: nn.Module, name: str, weights: str, image: Image.Image, s
     Args:
         model: the classifier; ``name`` its architecture and ``weights`` its weights in words.
         image: an RGB image; ``source`` where it came from.
-        classes: the names of the model's classes (default: ImageNet-1k's).
+        classes: the names of the model's classes (default: ImageNet-1k's for a 1000-class model, else
+            ``class <i>``).
 
     Raises:
         ValueError: ``model`` is not a DAT or EAPT model.
@@ -43,7 +44,12 @@ def demo_report(model: nn.Module, name: str, weights: str, image: Image.Image, s
 
     logits, records = model.forward_sampling_points(x)
     probs = logits.softmax(-1)[0]
-    describe = (lambda i: classes[i]) if classes else ImageNetInfo().index_to_description
+    if classes:
+        describe = classes.__getitem__
+    elif getattr(model, 'num_classes', 0) == 1000:  # ImageNet-1k's classifier (official weights): its names
+        describe = ImageNetInfo().index_to_description
+    else:
+        describe = 'class {}'.format
     lines.append('top-5 classes:')
     for p, i in zip(*probs.topk(min(5, probs.numel()))):
         lines.append(f'  {i.item():4d} {describe(i.item()):<40} {p.item():.4f}')

@@ -17,6 +17,7 @@ import yaml
 from timm.optim import list_optimizers
 
 from ..errors import UsageError, closest
+from ..hub import resolve_weights_spec
 from ..runtime import PRECISIONS, resolve_device
 from ..tasks import Task, check_model_name, get_task
 from ..tasks.base import POSITIVE_INT, Limit
@@ -168,7 +169,8 @@ def check_config(config: Dict, task: Optional[Task] = None) -> None:
 
     Raises:
         UsageError: a field outside its limits (:data:`COMMON_LIMITS`, the task's ``limits``), a value of
-            another kind than the field's default, an unknown optimizer, model, framework or device, or an
+            another kind than the field's default, an unknown optimizer, model, framework or device,
+            ``pretrained: official`` for a model without official weights (or another model's name), or an
             ``output`` that is a file.
     """
     task = task or get_task(config.get('task') or 'classify')
@@ -185,6 +187,7 @@ def check_config(config: Dict, task: Optional[Task] = None) -> None:
         raise UsageError(f"unknown optimizer {config['opt']!r}" + (closest(config['opt'], list_optimizers())
                                                                    or '; see timm.optim.list_optimizers()'))
     check_model_name(config[task.model_field])
+    resolve_weights_spec(config['pretrained'], config[task.model_field])
     resolve_device(config['device'])
     output = config['output']
     if output is not None and os.path.exists(output) and not os.path.isdir(output):

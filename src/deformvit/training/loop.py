@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
+import timm
 import torch
 import torch.nn as nn
 import yaml
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from ..checkpoint import check_output_folder, metadata_for
 from ..data import DatasetError
 from ..errors import UsageError
+from ..hub import names_official, official_weights
 from ..runtime import DistributedContext, autocast_context, autocast_dtype, init_distributed, resolve_precision
 from ..tasks import Task, get_task
 from .config import check_config
@@ -208,6 +210,17 @@ def _precision(precision: str, device: torch.device):
     return autocast_context(device, dtype), scaler, precision
 
 
+def _fetch_official_weights_once(spec: Optional[str], name: str, ctx: DistributedContext) -> None:
+    """With several processes, let one per machine download official weights (``--pretrained official``) while the
+    others wait, rather than all of them downloading the same file at once."""
+    if not ctx.distributed or not names_official(spec):
+        return
+    cfg = timm.models.get_pretrained_cfg(name)
+    if ctx.local_rank == 0 and cfg is not None and cfg.url:
+        official_weights(name)
+    torch.distributed.barrier()
+
+
 def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = None) -> Dict:
     """Train as ``config`` says (its ``task`` field picks the task); returns the final metrics.
 
@@ -242,6 +255,8 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
                            f'the data has {len(classes)}: {classes[:10]}')
 
     seed_everything(config['seed'])
+    if not resume:
+        _fetch_official_weights_once(config['pretrained'], config[task.model_field], ctx)
     # a resumed run takes its weights from the checkpoint, not from the initial --pretrained file
     model, architecture, model_kwargs = task.build_model(dict(config, pretrained=None) if resume else config, classes)
     if resume:
