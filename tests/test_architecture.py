@@ -18,7 +18,7 @@ ROOT = PACKAGE.name
 
 # rank of each part of the package: a module may import its own part and parts of a lower rank
 RANKS = {
-    'errors': 0,
+    'errors': 0, 'version': 0,
     'layers': 1, 'checkpoint': 1, 'runtime': 1,
     'hub': 2,
     'models': 3, 'data': 3,

@@ -13,7 +13,8 @@ from .layers import SamplingPoints
 from .models import DAT, EAPT
 from .tools.complexity import count_macs, count_parameters
 
-__version__ = '0.1.0'
+from .version import __version__  # noqa: F401  (deformvit.__version__)
+
 __all__ = [
     'DAT',
     'EAPT',

@@ -21,8 +21,9 @@ from PIL import Image
 
 from ..checkpoint import UnsafeCheckpointError
 from ..data import DatasetError
-from ..errors import UsageError
+from ..errors import MissingExtraError, UsageError
 from ..training import TrainingDiverged
+from ..version import __version__
 from . import bench, demo, dense, export, profile, train, visualize, weights
 from .common import DEBUG_FLAG, CommandFailed, Parser, add_command
 
@@ -38,8 +39,8 @@ TOOLS = {
 }
 
 # failures a user can fix: reported by their message alone
-FAILURES = (DatasetError, ValueError, OSError, UnsafeCheckpointError, TrainingDiverged, yaml.YAMLError,
-            Image.DecompressionBombError)
+FAILURES = (DatasetError, ValueError, OSError, MissingExtraError, UnsafeCheckpointError, TrainingDiverged,
+            yaml.YAMLError, Image.DecompressionBombError)
 DEBUG_VARIABLE = 'DEFORMVIT_DEBUG'
 
 
@@ -89,6 +90,7 @@ def reported(prog: str, debug: bool = False) -> Iterator[None]:
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog='deformvit', description='Deformable-attention vision transformers.',
                     parents=[DEBUG_FLAG])
+    parser.add_argument('--version', action='version', version=f'deformvit {__version__}')
     commands = parser.add_subparsers(dest='command', required=True)
     train.register(commands)  # train, eval
     dense.register(commands)  # detect, segment

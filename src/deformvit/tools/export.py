@@ -35,7 +35,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from ..checkpoint import check_output_file, write_atomically
-from ..errors import UsageError
+from ..errors import UsageError, optional
 from ..layers import attention_switches
 from ..models import PyramidBackbone
 from .onnx_opset import to_opset_17
@@ -231,7 +231,7 @@ def _refuses(run, model: nn.Module, shape: Tuple[int, ...]) -> bool:
 
 
 def _onnx_runner(path: str, threads: int = 0):
-    import onnxruntime as ort
+    ort = optional('onnxruntime', 'Checking the ONNX file')
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: a refused input is expected
     options.intra_op_num_threads = threads
@@ -325,6 +325,11 @@ def export_onnx(
         :class:`ExportReport`; ``written`` is False when the check failed.
     """
     check_opset(opset)
+    # torch.onnx's exporter needs onnxscript and onnx, the check onnxruntime: all three are the export extra
+    optional('onnxscript', 'ONNX export')
+    onnx = optional('onnx', 'ONNX export')
+    if check:
+        optional('onnxruntime', 'Checking the ONNX file')
 
     def write(tmp: str, size: Tuple[int, int]) -> None:
         # the explicit softmax path: the ONNX exporter of torch 2.14 fails to decompose DAT's window
@@ -336,7 +341,6 @@ def export_onnx(
         onnx_program = torch.onnx.export(
             program, dynamo=True, opset_version=max(opset, EXPORTER_OPSET), dynamic_shapes=_dynamic_shapes(static),
             input_names=['images'], output_names=_output_names(model, program), verbose=False)
-        import onnx
         proto = onnx_program.model_proto
         if opset < EXPORTER_OPSET:
             proto = to_opset_17(proto)

@@ -6,6 +6,8 @@ operators that changed, or refuses.
 """
 from typing import Optional
 
+from ..errors import optional
+
 __all__ = ['to_opset_17']
 
 # Reduce operators whose ``axes`` attribute became an input in opset 18 (ReduceSum's did in opset 13)
@@ -25,8 +27,8 @@ def to_opset_17(model):
     conversion fails on these graphs, onnx has no 18 -> 17 adapter for Pad, and it then keeps
     opset 18 with only a logged warning.)
     """
-    import onnx
-    from onnx import helper, numpy_helper
+    onnx = optional('onnx', 'ONNX export')
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
 
     graph = model.graph
     constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}

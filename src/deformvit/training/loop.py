@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from ..checkpoint import check_output_folder, metadata_for
 from ..data import DatasetError
-from ..errors import UsageError
+from ..errors import UsageError, optional
 from ..hub import names_official, official_weights
 from ..runtime import DistributedContext, autocast_context, autocast_dtype, init_distributed, resolve_precision
 from ..tasks import Task, get_task
@@ -229,6 +229,9 @@ def run(config: Dict, resume: bool = False, ctx: Optional[DistributedContext] = 
     """
     task = get_task(config.get('task') or 'classify')
     check_config(config, task)
+    # the run's logs and figures (the train extra): missing, they stop the run now rather than after training
+    optional('torch.utils.tensorboard', 'Training (its TensorBoard logs)', package='tensorboard')
+    optional('matplotlib.figure', 'Training (its figures)', package='matplotlib')
     ctx = ctx or init_distributed(config['device'])
     autocast, scaler, precision = _precision(config['precision'], ctx.device)
     metrics = task.metrics(config)

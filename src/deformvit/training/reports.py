@@ -4,6 +4,7 @@ import csv
 import os
 from typing import Dict, List, Sequence
 
+from ..errors import optional
 from ..tasks import Task
 
 __all__ = ['Logger', 'ProgressBar', 'plot_metrics', 'write_reports']
@@ -21,11 +22,8 @@ class Logger:
             writer = csv.DictWriter(f, self.fields)
             writer.writeheader()
             writer.writerows(kept)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(os.path.join(folder, 'tensorboard'))
-        except ImportError:
-            self.tb = None
+        tensorboard = optional('torch.utils.tensorboard', 'Training (its TensorBoard logs)', package='tensorboard')
+        self.tb = tensorboard.SummaryWriter(os.path.join(folder, 'tensorboard'))
 
     def log(self, row: Dict) -> None:
         with open(self.path, 'a', newline='') as f:
@@ -59,7 +57,7 @@ class ProgressBar:
 
 def plot_metrics(rows: List[Dict], metrics: Sequence[str], path: str) -> None:
     """Training loss and the evaluation ``metrics`` per epoch, from ``metrics.csv`` rows."""
-    from matplotlib.figure import Figure
+    Figure = optional('matplotlib.figure', 'Training (its metrics.png)', package='matplotlib').Figure
     epochs = [int(r['epoch']) + 1 for r in rows]
     losses = [m for m in metrics if m.endswith('loss')]
     scores = [m for m in metrics if not m.endswith('loss')]

@@ -26,13 +26,12 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, 
 
 import torch
 import torch.nn as nn
-from scipy.optimize import linear_sum_assignment
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import (MultiScaleRoIAlign, box_convert, clip_boxes_to_image, generalized_box_iou,
                              generalized_box_iou_loss, sigmoid_focal_loss)
 
-from ...errors import UsageError
+from ...errors import UsageError, optional
 from ..necks import PyramidFeatures
 from .base import Detector
 from .shared import check_integer, check_number, mean_over_processes
@@ -97,7 +96,8 @@ def matching_cost(logits: torch.Tensor, boxes: torch.Tensor, gt_labels: torch.Te
 def hungarian_match(cost: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The one-to-one matching of rows (proposals) to columns (ground-truth boxes) of least total ``cost`` (R, C):
     ``min(R, C)`` pairs ``(rows, cols)``, int64 on ``cost``'s device, rows increasing."""
-    rows, cols = linear_sum_assignment(cost.detach().float().cpu().numpy())
+    assign = optional('scipy.optimize', 'Sparse R-CNN\'s matching').linear_sum_assignment
+    rows, cols = assign(cost.detach().float().cpu().numpy())
     return (torch.as_tensor(rows, dtype=torch.int64, device=cost.device),
             torch.as_tensor(cols, dtype=torch.int64, device=cost.device))
 

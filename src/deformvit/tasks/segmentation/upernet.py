@@ -7,8 +7,8 @@ segmentation_models_pytorch's ``UPerNetDecoder``.
 from typing import Sequence
 
 import torch
-from segmentation_models_pytorch.decoders.upernet.decoder import UPerNetDecoder
 
+from ...errors import optional
 from .segmentor import Decoder
 
 __all__ = ['UPerNet']
@@ -30,7 +30,9 @@ class UPerNet(Decoder):
                  fpn_channels: int = 256):
         super().__init__()
         # the decoder reads levels [stride 1, 2, 4, 8, 16, 32] and skips the first two
-        self.decoder = UPerNetDecoder([0, 0, *in_channels], encoder_depth=5, decoder_channels=channels)
+        smp = optional('segmentation_models_pytorch.decoders.upernet.decoder', 'UperNet',
+                       package='segmentation_models_pytorch')
+        self.decoder = smp.UPerNetDecoder([0, 0, *in_channels], encoder_depth=5, decoder_channels=channels)
         self.out_channels = channels
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -5,6 +5,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ...errors import optional
 from ...layers import SamplingPoints
 from .analysis import EdgeDifferences, KeyImportance, QueryKeys, upsample_to_image
 
@@ -19,7 +20,7 @@ REFERENCE_COLOR = '#ffe135'
 
 
 def _figure(panels: int, title: str, extra_width: float = 0.):
-    from matplotlib.figure import Figure
+    Figure = optional('matplotlib.figure', 'The figures', package='matplotlib', extra='demo').Figure
     fig = Figure(figsize=(PANEL_INCHES * panels + extra_width, PANEL_INCHES + TITLE_INCHES), dpi=DPI,
                  layout='constrained')
     axes = fig.subplots(1, panels, squeeze=False)[0]
@@ -48,7 +49,7 @@ def draw_sampling_points(image: np.ndarray, records: Sequence[SamplingPoints], g
 
     Returns a matplotlib ``Figure``.
     """
-    from matplotlib.collections import LineCollection
+    collections = optional('matplotlib.collections', 'The figures', package='matplotlib', extra='demo')
     fig, axes = _figure(len(records), title)
     for ax, record in zip(axes, records):
         groups = record.points.shape[1]
@@ -61,7 +62,7 @@ def draw_sampling_points(image: np.ndarray, records: Sequence[SamplingPoints], g
         _show(ax, image, f'stages.{record.stage}.blocks.{record.block}{label}: {len(points)} points',
               (points, reference))
         segments = np.stack((reference[:, ::-1], points[:, ::-1]), 1)  # (N, 2, (x, y))
-        ax.add_collection(LineCollection(segments, colors='white', linewidths=0.5, alpha=0.7))
+        ax.add_collection(collections.LineCollection(segments, colors='white', linewidths=0.5, alpha=0.7))
         ax.scatter(reference[:, 1], reference[:, 0], s=6, c=REFERENCE_COLOR, label='reference points')
         ax.scatter(points[:, 1], points[:, 0], s=12, c=DEFORMED_COLOR, edgecolors='black', linewidths=0.3,
                    label='deformed points')

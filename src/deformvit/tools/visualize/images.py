@@ -8,6 +8,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from ...data.images import read_image
+from ...errors import optional
 
 __all__ = ['SAMPLE_PHOTOS', 'load_image', 'preprocess']
 
@@ -28,11 +29,7 @@ def load_image(path: Optional[str] = None, sample: str = 'chelsea') -> Image.Ima
         return read_image(path)
     if sample not in SAMPLE_PHOTOS:
         raise ValueError(f'unknown sample photo {sample!r}; expected one of {", ".join(SAMPLE_PHOTOS)}')
-    try:
-        from skimage import data
-    except ImportError as err:
-        raise ValueError('the sample photos come from scikit-image: pip install scikit-image, '
-                         'or pass --image PATH') from err
+    data = optional('skimage.data', 'The sample photos (or pass --image PATH)', package='skimage')
     return Image.fromarray(getattr(data, sample)())
 
 
