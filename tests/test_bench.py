@@ -370,3 +370,25 @@ def test_cli_detection_mode_prints_and_writes_csv(tmp_path, capsys):
     assert 'batch 1 of 56x40' in capsys.readouterr().out
     with open(path, newline='') as f:
         assert [r['backbone'] for r in csv.DictReader(f)] == ['dat_nano']
+
+
+def test_gpu_check_script_parts_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh is run where a GPU is lent; its Python parts are checked here on the CPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / 'benchmarks' / 'gpu_check.py'
+    subprocess.run(['bash', '-n', str(script.with_suffix('.sh'))], check=True)
+    run = dict(check=True, capture_output=True, text=True, timeout=300)
+    subprocess.run([sys.executable, str(script), 'parity', '--out', str(tmp_path), '--device', 'cpu', '--models',
+                    'dat_nano', 'eapt_nano', '--size', '32'], **run)
+    rows = [line for line in (tmp_path / 'parity.md').read_text().splitlines() if line.startswith('| dat_nano')
+            or line.startswith('| eapt_nano')]
+    assert len(rows) == 4  # fp32 and bf16 of each model; on the CPU itself both agree to the bit in fp32
+    assert rows[0].split('|')[3].strip() == '0'
+    subprocess.run([sys.executable, str(script), 'profile', '--out', str(tmp_path), '--device', 'cpu', '--model',
+                    'dat_nano', '--batch', '2', '--size', '32', '--warmup', '1', '--steps', '1',
+                    '--precision', 'fp32'], **run)
+    table = (tmp_path / 'profile.md').read_text()
+    shares = [float(line.split('|')[2].strip(' %')) for line in table.splitlines() if line.startswith('| `')]
+    assert shares and 0 < sum(shares) <= 100.5 and 'grid_sampler' in table
