@@ -319,3 +319,18 @@ def test_model_kwargs_build_the_ablated_model_and_are_recorded_for_its_checkpoin
         task.build_model(dict(config, model_kwargs=dict(use_endek=False)), ['a', 'b'])
     with pytest.raises(ValueError, match="model_kwargs: resnet18 takes no argument 'use_endec'"):
         task.build_model(dict(config, model='resnet18', model_kwargs=dict(use_endec=False)), ['a', 'b'])
+
+
+def test_a_run_shorter_than_its_warm_up_still_warms_up_then_decays():
+    """--set iterations=2 on a recipe with a one-epoch warm-up (63 updates): the warm-up is cut to the budget."""
+    from deformvit.training.loop import _scheduler
+    config = dict(resolve_config(argparse.Namespace(recipe='digits', set=None, resume=False), get_task('classify')),
+                  iterations=2, lr=None)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=2e-3)
+    scheduler = _scheduler(optimizer, config, updates_per_epoch=63)
+    lrs = []
+    for t in range(3):
+        scheduler.step_update(t)
+        lrs.append(optimizer.param_groups[0]['lr'])
+    assert lrs[0] == pytest.approx(config['warmup_lr']) and lrs[1] == pytest.approx(2e-3)
+    assert lrs[2] < lrs[1]

@@ -175,11 +175,13 @@ def _scheduler(optimizer, config: Dict, updates_per_epoch: int):
 
     ``cosine``: timm's cosine decay to ``min_lr``; ``multistep``: x ``decay_rate`` at each of
     ``decay_epochs``; ``poly``: ``(1 - t / T) ** poly_power`` decay to ``min_lr``. Warm-up is
-    linear from ``warmup_lr`` over ``warmup_updates`` updates, or ``warmup_epochs`` epochs.
+    linear from ``warmup_lr`` over ``warmup_updates`` updates, or ``warmup_epochs`` epochs, cut to
+    leave at least one update of decay when the run is shorter.
     """
     total = config['epochs'] * updates_per_epoch if config['iterations'] is None else config['iterations']
     warmup = config['warmup_updates'] if config['warmup_updates'] is not None else \
         round(config['warmup_epochs'] * updates_per_epoch)
+    warmup = min(warmup, max(total - 1, 0))  # a budget shorter than the warm-up (a quick run) still decays
     if config['sched'] == 'cosine':
         if config['warmup_updates'] is None and config['iterations'] is None:
             scheduler, _ = create_scheduler_v2(
