@@ -76,7 +76,7 @@ def parity(args) -> list:
 def profile(args) -> list:
     from torch.profiler import ProfilerActivity, profile as torch_profile
     device = resolve_device(args.device)
-    model = create_model(args.model).to(device).train()
+    model = create_model(args.model).to(device).train(args.mode == 'train')
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = autocast_dtype(args.precision, device)
     autocast = autocast_context(device, dtype)
@@ -84,6 +84,10 @@ def profile(args) -> list:
     y = torch.randint(0, model.num_classes, (args.batch,), device=device)
 
     def step():
+        if args.mode == 'infer':
+            with torch.inference_mode(), autocast():
+                model(x)
+            return
         optimizer.zero_grad(set_to_none=True)
         with autocast():
             loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -107,9 +111,10 @@ def profile(args) -> list:
     events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
     total = sum(getattr(e, key) for e in events)
     events.sort(key=lambda e: getattr(e, key), reverse=True)
-    lines = [f'# One {args.model} training step on {device} ({args.precision}, batch {args.batch}, '
-             f'{args.size}x{args.size}; torch {torch.__version__}): {seconds * 1000:.1f} ms a step with the '
-             f'profiler on', '', '| operator or kernel | self time share | ms a step | what it is for |',
+    what = 'training step' if args.mode == 'train' else 'inference batch'
+    lines = [f'# One {args.model} {what} on {device} ({args.precision}, batch {args.batch}, {args.size}x{args.size}, '
+             f'{torch.get_num_threads()} threads; torch {torch.__version__}): {seconds * 1000:.1f} ms a step with '
+             'the profiler on', '', '| operator or kernel | self time share | ms a step | what it is for |',
              '| --- | ---: | ---: | --- |']
     for event in events[:args.top]:
         value = getattr(event, key)
@@ -125,6 +130,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('what', choices=('parity', 'profile'))
     parser.add_argument('--out', required=True, help='folder for the table (created)')
+    parser.add_argument('--out-name', action='store_true', help='profile: name the table profile_<model>_<mode>.md')
     parser.add_argument('--device', default='cuda')
     parser.add_argument('--models', nargs='+', default=['dat_tiny', 'eapt_small', 'datpp_tiny'])
     parser.add_argument('--model', default='dat_tiny')
@@ -134,11 +140,17 @@ def main() -> None:
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--steps', type=int, default=3)
     parser.add_argument('--top', type=int, default=25)
+    parser.add_argument('--mode', choices=('train', 'infer'), default='train',
+                        help='profile: a training step (default) or inference')
+    parser.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
     args = parser.parse_args()
     args.batch = args.batch or (2 if args.what == 'parity' else 128)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lines = parity(args) if args.what == 'parity' else profile(args)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, f'{args.what}.md'), 'w') as f:
+    name = args.what if args.what == 'parity' else f'profile_{args.model}_{args.mode}' if args.out_name else 'profile'
+    with open(os.path.join(args.out, f'{name}.md'), 'w') as f:
         f.write('\n'.join(lines) + '\n')
     print('\n'.join(lines), flush=True)
 
