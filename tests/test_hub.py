@@ -317,3 +317,10 @@ def test_with_several_processes_one_per_machine_downloads(released_nano, server,
     assert server.requests == ['/dat_nano_1000.pth'] and waits == [True, True]
     _fetch_official_weights_once('weights.pth', 'dat_nano', DistributedContext(rank=0, world_size=2, local_rank=0))
     assert len(waits) == 2  # a file: nothing to fetch
+
+
+def test_a_zero_byte_file_in_the_cache_is_downloaded_again(server, tmp_path):
+    url = server.serve('/weights.pth', release_bytes())
+    (tmp_path / 'weights.pth').write_bytes(b'')  # an earlier copy that never got its bytes
+    mini_dat(url, tmp_path)
+    assert server.requests == ['/weights.pth'] and (tmp_path / 'weights.pth').read_bytes() == release_bytes()
