@@ -355,9 +355,10 @@ def pyramid_cfg(size: int = 224, **kwargs) -> Dict:
     }
 
 
-def official_source(share_page: str, top1: float, release: str) -> Dict:
-    """The ``pretrained_cfg`` fields of official weights published on a share page of TsinghuaCloud (a Seafile
-    server, where ``?dl=1`` is the file's direct download): ``url``, ``origin_url`` and a ``description`` with
-    the release and its ImageNet-1k top-1 (%), as the release reports it."""
+def official_source(share_id: str, top1: float, release: str) -> Dict:
+    """The ``pretrained_cfg`` fields of official weights published on the TsinghuaCloud share page ``share_id``
+    (a Seafile server, where ``?dl=1`` is the file's direct download): ``url``, ``origin_url`` and a
+    ``description`` with the release and its ImageNet-1k top-1 (%), as the release reports it."""
+    share_page = f'https://cloud.tsinghua.edu.cn/f/{share_id}/'
     return dict(url=share_page + '?dl=1', origin_url=share_page,
                 description=f'{release} ImageNet-1k weights, top-1 {top1:.1f} %')

@@ -874,15 +874,13 @@ def _cfg(**kwargs) -> Dict:
         paper_name='Vision Transformer with Deformable Attention', **kwargs)
 
 
-_RELEASE = 'https://cloud.tsinghua.edu.cn/f/'
-
 default_cfgs = generate_default_cfgs({
     'dat_nano.untrained': _cfg(size=32),
     # the official release (CVPR 2022); top-1 as its README reports it
-    'dat_tiny.in1k': _cfg(**official_source(_RELEASE + '1367349deefc48efa650/', 82.0, 'DAT')),
-    'dat_small.in1k': _cfg(**official_source(_RELEASE + 'f04b18081e3e4606adb7/', 83.7, 'DAT')),
-    'dat_base.in1k': _cfg(**official_source(_RELEASE + 'a8d2a9645d454120b635/', 84.0, 'DAT')),
-    'dat_base_384.in1k': _cfg(size=384, **official_source(_RELEASE + 'cf6a6b543cd64e0d8e43/', 84.8, 'DAT')),
+    'dat_tiny.in1k': _cfg(**official_source('1367349deefc48efa650', 82.0, 'DAT')),
+    'dat_small.in1k': _cfg(**official_source('f04b18081e3e4606adb7', 83.7, 'DAT')),
+    'dat_base.in1k': _cfg(**official_source('a8d2a9645d454120b635', 84.0, 'DAT')),
+    'dat_base_384.in1k': _cfg(size=384, **official_source('cf6a6b543cd64e0d8e43', 84.8, 'DAT')),
 })
 
 

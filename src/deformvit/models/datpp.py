@@ -548,17 +548,17 @@ def _cfg(**kwargs) -> Dict:
         paper_name='DAT++: Spatially Dynamic Vision Transformer with Deformable Attention', **kwargs)
 
 
-_RELEASE = 'https://cloud.tsinghua.edu.cn/f/'
-
 default_cfgs = generate_default_cfgs({
     # the official DAT++ release; top-1 as its README reports it
-    'datpp_tiny.in1k': _cfg(**official_source(_RELEASE + '14c5ddae10b642e68089/', 83.9, 'DAT++')),
-    'datpp_small.in1k': _cfg(**official_source(_RELEASE + '4c2a76360c964fbd81d5/', 84.6, 'DAT++')),
-    'datpp_base.in1k': _cfg(**official_source(_RELEASE + '8e30492404d348d89f25/', 84.9, 'DAT++')),
-    'datpp_base_384.in1k': _cfg(size=384, **official_source(_RELEASE + '032dc804cdf44bf18bb5/', 85.9, 'DAT++')),
+    'datpp_tiny.in1k': _cfg(**official_source('14c5ddae10b642e68089', 83.9, 'DAT++')),
+    'datpp_small.in1k': _cfg(**official_source('4c2a76360c964fbd81d5', 84.6, 'DAT++')),
+    'datpp_base.in1k': _cfg(**official_source('8e30492404d348d89f25', 84.9, 'DAT++')),
+    'datpp_base_384.in1k': _cfg(size=384, **official_source('032dc804cdf44bf18bb5', 85.9, 'DAT++')),
 })
 
 _STAGE_SPEC = ('ND', 'NDND', 'ND' * 9, 'DD')
+_BASE_ARGS = dict(  # datpp_base and datpp_base_384
+    embed_dims=(128, 256, 512, 1024), stage_spec=_STAGE_SPEC, num_heads=(4, 8, 16, 32), groups=(2, 4, 8, 16))
 
 
 @register_model
@@ -580,14 +580,10 @@ def datpp_small(pretrained: bool = False, **kwargs) -> DATPlusPlus:
 @register_model
 def datpp_base(pretrained: bool = False, **kwargs) -> DATPlusPlus:
     """DAT-B++: 93.69M parameters at 224."""
-    model_args = dict(
-        embed_dims=(128, 256, 512, 1024), stage_spec=_STAGE_SPEC, num_heads=(4, 8, 16, 32), groups=(2, 4, 8, 16))
-    return _create_datpp('datpp_base', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_datpp('datpp_base', pretrained=pretrained, **dict(_BASE_ARGS, **kwargs))
 
 
 @register_model
 def datpp_base_384(pretrained: bool = False, **kwargs) -> DATPlusPlus:
     """DAT-B++ fine-tuned at 384: the architecture of ``datpp_base``, tables kept at ``img_size`` 224."""
-    model_args = dict(
-        embed_dims=(128, 256, 512, 1024), stage_spec=_STAGE_SPEC, num_heads=(4, 8, 16, 32), groups=(2, 4, 8, 16))
-    return _create_datpp('datpp_base_384', pretrained=pretrained, **dict(model_args, **kwargs))
+    return _create_datpp('datpp_base_384', pretrained=pretrained, **dict(_BASE_ARGS, **kwargs))
