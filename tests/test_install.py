@@ -145,9 +145,9 @@ def core_python(wheel, tmp_path_factory) -> Path:
     return python
 
 
-def _run(python: Path, *args: str) -> subprocess.CompletedProcess:
+def _run(python: Path, *args: str, cwd=None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'PYTHONHOME')}
-    return subprocess.run([str(python), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([str(python), *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
 def test_the_core_alone_imports_deformvit_and_creates_models(core_python):
@@ -175,8 +175,7 @@ def test_the_core_alone_imports_deformvit_and_creates_models(core_python):
     (['detect', 'train', '--epochs', '1'], 'train'),
 ])
 def test_a_command_without_its_extra_names_the_pip_install(core_python, tmp_path, command, extra):
-    result = subprocess.run([str(core_python), '-m', 'deformvit', *command], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=300, env={k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})
+    result = _run(core_python, '-m', 'deformvit', *command, cwd=tmp_path)
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"pip install 'deformvit[{extra}]'" in lines[0], result.stderr

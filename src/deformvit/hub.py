@@ -232,15 +232,14 @@ def resolve_weights_spec(spec: Optional[str], model: str) -> Optional[str]:
     if not isinstance(spec, (str, os.PathLike)):
         raise UsageError(f"weights must be '{OFFICIAL}', a model's name or a file path, got {spec!r}")
     spec = os.fspath(spec)
+    if not names_official(spec) and spec != model:
+        return spec
+    cfg = resolve_pretrained_cfg(model).to_dict()
+    has_source = cfg.get('url') or cfg.get('hf_hub_id')  # timm's own models come from the Hugging Face hub
     if spec == OFFICIAL or spec == model:
-        cfg = resolve_pretrained_cfg(model).to_dict()
-        if not (cfg.get('url') or cfg.get('hf_hub_id')):  # timm's own models come from the Hugging Face hub
+        if not has_source:
             official_weights(model)  # raises the UsageError that lists the models with official weights
         return OFFICIAL
-    if timm.is_model(spec) and not os.path.exists(spec):
-        cfg = resolve_pretrained_cfg(model).to_dict()
-        has_source = cfg.get('url') or cfg.get('hf_hub_id')
-        official = f", or '{OFFICIAL}' for the official {model} weights" if has_source else ''
-        raise UsageError(f'{spec} is another model than {model}; its weights do not fit it: pass a {model} weights '
-                         f'file{official}')
-    return spec
+    official = f", or '{OFFICIAL}' for the official {model} weights" if has_source else ''
+    raise UsageError(f'{spec} is another model than {model}; its weights do not fit it: pass a {model} weights '
+                     f'file{official}')

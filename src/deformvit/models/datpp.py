@@ -33,7 +33,7 @@ from ..checkpoint import unwrap_state_dict
 from ..layers import Mlp
 from ..layers.neighborhood import NeighborhoodAttention2D
 from ._pyramid import PyramidBackbone, build_pyramid, official_source, per_stage, pyramid_cfg
-from .dat import DeformableAttention, OffsetNetwork, check_release_layout, infer_dat_variant, is_datpp_state_dict
+from .dat import DeformableAttention, OffsetNetwork, check_release_layout
 from .dat import _official_key as dat_official_key
 
 __all__ = ['DATPlusPlus', 'dense_level_norms']
@@ -470,19 +470,9 @@ def _key_summary(state_dict: Dict[str, torch.Tensor]) -> str:
 
 def _check_datpp_backbone(backbone: Dict[str, torch.Tensor], original: Dict[str, torch.Tensor],
                           model: nn.Module) -> None:
-    """Refuse a state dict without DAT++ backbone weights, or a DAT (v1) one, naming what was expected."""
-    v1_stems = ('patch_proj.0.weight', 'stem.conv.weight')  # DAT v1: official layout, ours
-    if any(k in backbone for k in v1_stems) and not is_datpp_state_dict(backbone) \
-            and is_datpp_state_dict(model.state_dict()):
-        try:
-            variant = f' (a {infer_dat_variant(backbone)} one)'
-        except ValueError:
-            variant = ''
-        raise ValueError(
-            f'this is a DAT (v1) checkpoint{variant}, not a DAT++ one: it has no local perception units '
-            '(stages.i.local_perception_units.* / stages.i.blocks.j.lpu.*), convolutional FFNs (.dwc.) or '
-            'neighborhood attention biases (.rpb); load it with the DAT models (dat_tiny, dat_small, ...), '
-            'or pass a DAT++ checkpoint')
+    """Refuse a state dict without DAT++ backbone weights, or another release's or size's
+    (:func:`~deformvit.models.dat.check_release_layout`), naming what was expected."""
+    check_release_layout(model, backbone, 'this checkpoint')
     if not any(k in backbone for k in _STEMS):
         raise ValueError(
             'no DAT++ backbone weights in this checkpoint: expected patch_proj.0.weight (official DAT++ '

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointRecord, checkpoint_record, load_state_dict_file, tensor_shapes
 from ..errors import UsageError, closest
-from ..hub import OFFICIAL, resolve_weights_spec
+from ..hub import OFFICIAL, names_official, resolve_weights_spec
 from ..models import DAT, EAPT, classifier_outputs, infer_dat_variant
 from .detection import build_detector
 from .segmentation import build_segmentor
@@ -168,10 +168,8 @@ def load_model(model: Optional[str] = None, checkpoint: Optional[str] = None, ta
             (:mod:`deformvit.hub`).
     """
     name, path = model, checkpoint
-    if checkpoint is not None and model is None and timm.is_model(checkpoint) and not os.path.exists(checkpoint):
-        name, path = checkpoint, OFFICIAL  # a model's name as its weights: the official ones
-    elif checkpoint == OFFICIAL and model is None:
-        name = default
+    if model is None and names_official(checkpoint):  # 'official', or a model's name as its weights
+        name = default if checkpoint == OFFICIAL else checkpoint
         if name is None:
             raise UsageError(f"'{OFFICIAL}' weights of which model? name it (e.g. --model dat_tiny)")
     if path is not None and name is not None and timm.is_model(name) and \

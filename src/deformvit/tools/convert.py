@@ -37,6 +37,7 @@ def convert_checkpoint(
     state_dict = unwrap_state_dict(load_state_dict_file(src, weights_only=weights_only))
     model_name = model_name or infer_dat_variant(state_dict)
     model = create_model(model_name, **model_kwargs)
+    model.check_weights_layout(state_dict, src)  # another release or size than --model: both named
     converted = type(model).checkpoint_filter(state_dict, model)
     model.load_state_dict(converted, strict=True)
     metadata = {'architecture': model_name, 'model_kwargs': json.dumps(model_kwargs), 'source': os.path.basename(src)}
