@@ -32,7 +32,7 @@ PURPOSE = (
     ('mm', 'matrix products'),
     ('conv', 'offset network (depthwise conv), stem and downsampling'),
     ('layer_norm', 'LayerNorm (blocks, offset network)'),
-    ('softmax', 'attention softmax (explicit path)'),
+    ('softmax', 'attention softmax (explicit path and CPU fast paths)'),
     ('copy', 'layout changes (window partition, permutes, contiguous)'),
     ('gelu', 'MLP activation'),
     ('adam', 'optimizer step'),

@@ -2,13 +2,14 @@
 
 At DAT++-T-like sizes (stage 1-3 of a 224 classifier, 64 / 128 / 256 channels with 2 / 4 / 8
 heads, kernel 7) and one detector-like stage-1 map (100x160), times
-:func:`deformvit.layers.neighborhood_attention_reference` and both methods of
-:func:`deformvit.layers.neighborhood_attention` (``dense``: masked SDPA over the whole map,
-only up to ``--dense-max-tokens``; ``neighborhood``: the gather), and prints which one the
-fast path picks and its speed-up over the oracle.
+:func:`deformvit.layers.neighborhood_attention_reference` and the three methods of
+:func:`deformvit.layers.neighborhood_attention` (``dense``: masked attention over the whole map,
+only up to ``--dense-max-tokens``; ``neighborhood``: the gather; ``tiled``: query tiles against
+key regions), and prints which one the fast path picks and its speed-up over the oracle.
 
     python benchmarks/neighborhood_attention.py                        # one thread, forward
     python benchmarks/neighborhood_attention.py --threads 2 --repeats 7 --backward
+    python benchmarks/neighborhood_attention.py --threads 2 --batch 16 --no-reference --sizes 56x56:64:2:7 28x28:128:4:7
     python benchmarks/neighborhood_attention.py --device cuda --backward
     python benchmarks/neighborhood_attention.py --sizes 200x320:64:2:7 --no-reference --dense-max-tokens 0
 
@@ -106,12 +107,13 @@ def row(height, width, channels, heads, kernel, args, device) -> dict:
     result['dense'] = measure(fast('dense'), args.repeats, args.backward, device) \
         if tokens <= args.dense_max_tokens else None
     result['gather'] = measure(fast('neighborhood'), args.repeats, args.backward, device)
+    result['tiled'] = measure(fast('tiled'), args.repeats, args.backward, device)
     result['peak'] = peak_mib(fast(), args.backward, device)
     if args.reference:
         result['reference'] = measure(oracle, max(1, args.reference_repeats), args.backward, device)
         with torch.no_grad():
             result['difference'] = (fast()() - oracle()).abs().max().item()
-        picked_ms = result['dense' if picked == 'dense' else 'gather']
+        picked_ms = result[{'dense': 'dense', 'tiled': 'tiled'}.get(picked, 'gather')]
         result['speedup'] = None if picked_ms is None else result['reference'] / picked_ms
     return result
 
@@ -143,14 +145,14 @@ def main(argv=None) -> None:
     what = 'forward + backward' if args.backward else 'forward'
     print(f'{what}, batch {args.batch}, {args.dtype}, {device}, {torch.get_num_threads()} thread(s); '
           f'median ms of {args.repeats} (oracle: {args.reference_repeats})')
-    header = ['map', 'C', 'heads', 'k', 'reference ms', 'dense ms', 'neighborhood ms', 'fast path', 'speed-up',
-              'max diff', 'peak MiB']
+    header = ['map', 'C', 'heads', 'k', 'reference ms', 'dense ms', 'neighborhood ms', 'tiled ms', 'fast path',
+              'speed-up', 'max diff', 'peak MiB']
     print('| ' + ' | '.join(header) + ' |')
     print('|' + '|'.join(' --- ' for _ in header) + '|')
     for height, width, channels, heads, kernel in args.sizes:
         r = row(height, width, channels, heads, kernel, args, device)
         print(f"| {r['size']} | {r['channels']} | {r['heads']} | {r['kernel']} | {cell(r['reference'], '.1f')} "
-              f"| {cell(r['dense'], '.2f')} | {cell(r['gather'], '.2f')} | {r['picked']} "
+              f"| {cell(r['dense'], '.2f')} | {cell(r['gather'], '.2f')} | {cell(r['tiled'], '.2f')} | {r['picked']} "
               f"| {cell(r['speedup'], '.0f', 'x')} | {cell(r['difference'], '.1e')} | {cell(r['peak'], '.0f')} |")
 
 

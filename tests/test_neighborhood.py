@@ -18,7 +18,7 @@ from deformvit.layers.neighborhood import (
 from deformvit.layers.neighborhood import _counted_attention
 from deformvit.tools.complexity import count_macs_of
 
-METHODS = ['dense', 'neighborhood', None]
+METHODS = ['dense', 'neighborhood', 'tiled', None]
 
 
 def brute_force_window_start(index, length, kernel_size, dilation):
@@ -173,7 +173,7 @@ def test_without_bias(method):
 def test_dense_only_on_small_maps():
     cpu, gpu = torch.device('cpu'), torch.device('cuda')  # only the device type is read
     assert neighborhood_attention_method((14, 14), 7, cpu) == 'dense'  # 4 tokens per neighbour
-    assert neighborhood_attention_method((14, 15), 7, cpu) == 'neighborhood'
+    assert neighborhood_attention_method((14, 15), 7, cpu) == 'tiled'
     assert neighborhood_attention_method((28, 28), 7, gpu) == 'dense'  # 16 tokens per neighbour
     assert neighborhood_attention_method((28, 29), 7, gpu) == 'neighborhood'
     assert neighborhood_attention_method((200, 320), 7, gpu) == 'neighborhood'
@@ -187,7 +187,7 @@ def test_non_contiguous_inputs():
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize('method', ['dense', 'neighborhood'])
+@pytest.mark.parametrize('method', ['dense', 'neighborhood', 'tiled'])
 def test_bfloat16_stays_close_to_float32(method):
     q, k, v, rpb = qkv_rpb(1, 2, 10, 12, 8, kernel_size=5)
     expected = neighborhood_attention(q, k, v, rpb, 5, method=method)
@@ -370,7 +370,7 @@ def test_cuda_module_in_bfloat16_with_padding():
     torch.testing.assert_close(out.float(), expected, atol=5e-2, rtol=5e-2)
 
 
-@pytest.mark.parametrize('method', ['dense', 'neighborhood', None])
+@pytest.mark.parametrize('method', ['dense', 'neighborhood', 'tiled', None])
 @pytest.mark.parametrize('size,kernel_size,dilation', [((14, 14), 7, 1), ((20, 9), 3, 2), ((7, 7), 7, 1)])
 def test_flop_counter_sees_the_k_squared_products_of_every_path(method, size, kernel_size, dilation):
     """``deformvit.count_macs`` counts ``H W k^2 d`` MACs per head for ``q . k`` and as many for the

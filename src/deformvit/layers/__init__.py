@@ -1,5 +1,6 @@
 """Building blocks shared by the model families (DAT, EAPT)."""
-from .attention import attention, attention_switches, attention_weights
+from .attention import attention, attention_switches, attention_weights, counting_flops
+from .fast import fast_paths, fast_paths_enabled
 from .block import PreNormBlock
 from .position import (
     deformable_relative_position_bias,
@@ -26,7 +27,10 @@ __all__ = [
     'attention_switches',
     'attention_weights',
     'bilinear_grid_sample',
+    'counting_flops',
     'deformable_relative_position_bias',
+    'fast_paths',
+    'fast_paths_enabled',
     'gaussian_descriptors',
     'neighborhood_attention',
     'neighborhood_attention_reference',

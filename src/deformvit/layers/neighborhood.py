@@ -10,9 +10,9 @@ builds the ``'N'`` blocks of its stage specifications from it: the official code
 extension, so this file reimplements the same operation:
 
 * :func:`neighborhood_attention_reference`, one query at a time, the test oracle;
-* :func:`neighborhood_attention`, the fast path: a dense masked
-  :func:`torch.nn.functional.scaled_dot_product_attention` on small maps, a gather over the
-  ``k * k`` neighbours with hand-written gradients (memory linear in the map) on larger ones
+* :func:`neighborhood_attention`, the fast path: dense masked attention on small maps; on larger
+  ones, query tiles against the key regions that hold their windows on the CPU, and elsewhere a
+  gather over the ``k * k`` neighbours with hand-written gradients (memory linear in the map)
   (:func:`neighborhood_attention_method` says which);
 * :class:`NeighborhoodAttention2D`, the official module, parameter for parameter.
 
@@ -33,8 +33,10 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 from timm.layers import trunc_normal_
+
+from .attention import attention, counting_flops
+from .fast import fast_paths_enabled
 
 __all__ = [
     'NeighborhoodAttention2D',
@@ -48,13 +50,14 @@ __all__ = [
 
 DENSE_TOKENS_PER_KEY = {'cpu': 4, 'other': 16}
 """The fast path runs dense masked attention while the map has at most ``n`` tokens per
-neighbour, ``H * W <= n * k * k``, and the gather beyond. On one CPU core (n = 4: up to 14x14
+neighbour, ``H * W <= n * k * k``, and beyond that the tiled method on the CPU (:data:`TILE`)
+and the gather elsewhere. On one CPU core (n = 4: up to 14x14
 for ``k = 7``) dense attention is about as fast as the gather at 4 tokens per neighbour, 4x
 slower at 16 and over 20x at 87; on an H200 (n = 16: up to 28x28 for ``k = 7``) dense SDPA is
 faster up to about 40x40, but its memory grows with ``(H * W) ** 2``
 (``benchmarks/neighborhood_attention.py``, ``docs/datpp.md``)."""
 
-METHODS = ('dense', 'neighborhood')
+METHODS = ('dense', 'neighborhood', 'tiled')
 
 GATHER_CHUNK_ELEMENTS = {'cpu': 1 << 18, 'other': 1 << 25}
 """The gather path takes as many neighbours at a time as fit this many gathered elements: on a
@@ -190,10 +193,15 @@ _cached_tables = functools.lru_cache(maxsize=64)(_neighborhood_tables)
 
 
 def _tables(size, kernel_size, dilation, device):
-    """Cached :func:`_neighborhood_tables`, except while torch.compile / torch.export trace."""
+    """Cached :func:`_neighborhood_tables`, except while torch.compile / torch.export trace.
+
+    Cached tables are built outside ``torch.inference_mode``: made inside it, they would be
+    inference tensors, which a later training pass could not save for its backward.
+    """
     if torch.compiler.is_compiling():
         return _neighborhood_tables(size, kernel_size, dilation, device)
-    return _cached_tables(size, kernel_size, dilation, device)
+    with torch.inference_mode(False):
+        return _cached_tables(size, kernel_size, dilation, device)
 
 
 def _check_inputs(
@@ -412,14 +420,136 @@ def _dense_attention(q, k, v, rpb, kernel_size, dilation, dropout_p):
         mask = outside.scatter(2, keys.t().expand(heads, -1, -1), values)  # (heads, N, N)
     # (B, heads, H, W, d) -> (B, heads, N, d)
     q, k, v = (t.reshape(batch, heads, tokens, head_dim) for t in (q, k, v))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    # eager: a 4-D mask, with which the CPU kernel runs fused (with a 3-D one it takes its unfused
+    # path, 4x slower at 196 tokens); traced: the 3-D mask, whose ONNX decomposition is sound
+    out = attention(q, k, v, mask if torch.compiler.is_compiling() else mask[None], dropout_p, scale=1.0)
     return out.view(batch, heads, height, width, head_dim)
 
 
+TILE = {'infer': 14, 'train': 7}
+"""Query tile side of the ``'tiled'`` method, without and with gradients. A ``T x T`` tile of
+queries with ``k = 7`` reads one ``(T + 6) x (T + 6)`` region of keys: 8x the products the
+neighbourhoods need at ``T = 14``, 3.4x at ``T = 7``, in matrix products instead of gathers. On
+2 CPU threads, DAT-T++'s stage-1 map (56x56, batch 16) takes 93 ms at T = 14 against 173 ms
+gathered without gradients, and 395 ms at T = 7 against 605 ms with them, where the smaller tile
+also keeps 2.4x fewer weights for backward (``benchmarks/neighborhood_attention.py``,
+``docs/datpp.md``, "Which path runs when")."""
+
+
+def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device: torch.device):
+    """One axis of the tiled method: region starts, region length and local key/bias indices.
+
+    Returns:
+        ``(starts, region, local, bias)``: ``starts`` ``(n,)`` first key of each tile's region,
+        ``region`` the common region length ``R``, ``local`` ``(n * tile, k)`` the position of each
+        (padded) query's keys inside its tile's region, ``bias`` ``(n * tile, k)`` their bias rows;
+        padded queries (beyond ``length``) repeat the last query's entries.
+    """
+    keys, bias = neighborhood_indices(length, kernel_size, dilation, device)  # (L, k)
+    n = -(-length // tile)
+    padded = torch.arange(n * tile, device=device).clamp(max=length - 1)
+    keys, bias = keys[padded].view(n, tile, kernel_size), bias[padded].view(n, tile, kernel_size)
+    first, last = keys.amin((1, 2)), keys.amax((1, 2))
+    region = int((last - first).max()) + 1
+    starts = torch.minimum(first, torch.full_like(first, length - region))
+    local = (keys - starts[:, None, None]).view(n * tile, kernel_size)
+    return starts, region, local, bias.view(n * tile, kernel_size)
+
+
+def _tile_tables(size: Tuple[int, int], kernel_size: int, dilation: int, tile: int, device: torch.device):
+    """Everything the tiled method needs for an ``H x W`` map (cached by :func:`_tiled_tables`).
+
+    Returns:
+        ``(rows, cols, region, slots, bias)``: ``rows`` ``(nY * R,)`` and ``cols`` ``(nX * R,)``
+        the map rows / columns of every tile's key region, ``region`` ``(R_y, R_x)``, ``slots``
+        ``(nY * nX, T*T, k*k)`` each query's neighbours as indices into its region's ``R_y * R_x``
+        keys, ``bias`` the same shape, indices into the flattened ``(2k-1)^2`` bias table.
+    """
+    (height, width), k = size, kernel_size
+    row_starts, row_region, row_local, row_bias = _axis_tiles(height, k, dilation, tile, device)
+    col_starts, col_region, col_local, col_bias = _axis_tiles(width, k, dilation, tile, device)
+    n_rows, n_cols = row_starts.numel(), col_starts.numel()
+    rows = (row_starts[:, None] + torch.arange(row_region, device=device)).flatten()
+    cols = (col_starts[:, None] + torch.arange(col_region, device=device)).flatten()
+    # (nY, T, 1, 1, k, 1) and (1, 1, nX, T, 1, k) -> (nY, T, nX, T, k, k) -> (nY*nX, T*T, k*k)
+    slots = (row_local.view(n_rows, tile, 1, 1, k, 1) * col_region + col_local.view(1, 1, n_cols, tile, 1, k))
+    table = (row_bias.view(n_rows, tile, 1, 1, k, 1) * (2 * k - 1) + col_bias.view(1, 1, n_cols, tile, 1, k))
+
+    def by_tile(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 1, 3, 4, 5).reshape(n_rows * n_cols, tile * tile, k * k)
+
+    return rows, cols, (row_region, col_region), by_tile(slots), by_tile(table)
+
+
+_cached_tile_tables = functools.lru_cache(maxsize=64)(_tile_tables)
+
+
+def _tiled_tables(size, kernel_size, dilation, tile, device):
+    """Cached :func:`_tile_tables`, built as :func:`_tables` builds its tables."""
+    if torch.compiler.is_compiling():
+        return _tile_tables(size, kernel_size, dilation, tile, device)
+    with torch.inference_mode(False):
+        return _cached_tile_tables(size, kernel_size, dilation, tile, device)
+
+
+def _tiled_attention(q, k, v, rpb, kernel_size, dilation, dropout_p, tile=None):
+    """Tiled path: each ``T x T`` tile of queries attends to the one key region that holds all its
+    neighbourhoods, other keys masked; ``(B, heads, H, W, d)`` in and out.
+
+    A region is the smallest run of rows (and of columns) holding the tile's windows,
+    ``T + k - 1`` for dilation 1. The masked logits are exactly ``-inf`` and weigh nothing, so
+    the result is the neighbourhood attention of every query; padded queries of a last, partial
+    tile attend to their region unmasked and are cropped.
+    """
+    if tile is None:
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, rpb))
+        tile = TILE['train' if grad else 'infer']
+    batch, heads, height, width, head_dim = q.shape
+    rows, cols, (region_h, region_w), slots, table = _tiled_tables(
+        (height, width), kernel_size, dilation, tile, q.device)
+    n_rows, n_cols = rows.numel() // region_h, cols.numel() // region_w
+    tiles = n_rows * n_cols
+    # queries: (B, heads, H, W, d) -> padded (B, heads, nY*T, nX*T, d) -> (B, tiles*heads, T*T, d)
+    pad_h, pad_w = n_rows * tile - height, n_cols * tile - width
+    queries = F.pad(q, (0, 0, 0, pad_w, 0, pad_h)) if pad_h or pad_w else q
+    queries = queries.reshape(batch, heads, n_rows, tile, n_cols, tile, head_dim).permute(0, 2, 4, 1, 3, 5, 6)
+    queries = queries.reshape(batch, tiles * heads, tile * tile, head_dim)
+
+    def regions(t: torch.Tensor) -> torch.Tensor:
+        # (B, heads, H, W, d) -> (B, heads, nY*Ry, nX*Rx, d) -> (B, tiles*heads, Ry*Rx, d)
+        t = t.index_select(2, rows).index_select(3, cols)
+        t = t.view(batch, heads, n_rows, region_h, n_cols, region_w, head_dim).permute(0, 2, 4, 1, 3, 5, 6)
+        return t.reshape(batch, tiles * heads, region_h * region_w, head_dim)
+
+    # (heads, tiles, T*T, Ry*Rx): -inf outside each query's window, the bias inside
+    values = q.new_zeros(()).expand(heads, tiles, tile * tile, kernel_size ** 2) if rpb is None else \
+        rpb.to(q.dtype).flatten(1)[:, table]
+    mask = q.new_full((heads, tiles, tile * tile, region_h * region_w), float('-inf'))
+    mask = mask.scatter(3, slots.expand(heads, -1, -1, -1), values)
+    if pad_h or pad_w:  # padded queries: no window, attend to the whole region (cropped below)
+        padded = torch.zeros(n_rows * tile, n_cols * tile, dtype=torch.bool, device=q.device)
+        padded[height:] = True
+        padded[:, width:] = True
+        padded = padded.view(n_rows, tile, n_cols, tile).permute(0, 2, 1, 3).reshape(tiles, tile * tile)
+        mask = mask.masked_fill(padded[None, :, :, None], 0.)
+    mask = mask.transpose(0, 1).reshape(1, tiles * heads, tile * tile, region_h * region_w)
+    out = attention(queries, regions(k), regions(v), mask, dropout_p, scale=1.0)
+    # (B, tiles*heads, T*T, d) -> (B, heads, nY*T, nX*T, d) -> crop
+    out = out.view(batch, n_rows, n_cols, heads, tile, tile, head_dim).permute(0, 3, 1, 4, 2, 5, 6)
+    out = out.reshape(batch, heads, n_rows * tile, n_cols * tile, head_dim)
+    return out[:, :, :height, :width] if pad_h or pad_w else out
+
+
 def neighborhood_attention_method(size: Tuple[int, int], kernel_size: int, device: torch.device) -> str:
-    """The method :func:`neighborhood_attention` picks for an ``(H, W)`` map: ``'dense'`` or ``'neighborhood'``."""
+    """The method :func:`neighborhood_attention` picks for an ``(H, W)`` map: ``'dense'`` on small maps,
+    beyond them ``'tiled'`` on the CPU and ``'neighborhood'`` elsewhere (the tiled method is untimed on GPUs) and
+    while torch.compile or torch.export trace."""
     per_neighbour = DENSE_TOKENS_PER_KEY['cpu' if device.type == 'cpu' else 'other']
-    return 'dense' if size[0] * size[1] <= per_neighbour * kernel_size ** 2 else 'neighborhood'
+    if size[0] * size[1] <= per_neighbour * kernel_size ** 2:
+        return 'dense'
+    # the tiled method sizes its key regions from index tables, which tracing cannot do symbolically
+    tiled = device.type == 'cpu' and fast_paths_enabled() and not torch.compiler.is_compiling()
+    return 'tiled' if tiled else 'neighborhood'
 
 
 def neighborhood_attention(
@@ -435,7 +565,7 @@ def neighborhood_attention(
     """2D neighborhood attention, ``softmax(q . k + rpb) v`` over each query's natten window.
 
     Equal to :func:`neighborhood_attention_reference` (and to natten 0.14's ``natten2dqkrpb``,
-    softmax, ``natten2dav``) up to float rounding, values and gradients. Two methods:
+    softmax, ``natten2dav``) up to float rounding, values and gradients. Three methods:
 
     * ``'dense'``: :func:`torch.nn.functional.scaled_dot_product_attention` over all tokens
       with an additive ``(heads, N, N)`` bias, ``-inf`` outside the windows; memory
@@ -443,8 +573,11 @@ def neighborhood_attention(
     * ``'neighborhood'``: gathers the ``k*k`` neighbours of every query a few neighbours at a
       time, with hand-written gradients that keep only q, k, v and the ``(k*k, N, B*heads)``
       weights; memory linear in ``N`` (large maps, e.g. a detector's 200x320 stage 1).
+    * ``'tiled'``: each ``T x T`` tile of queries attends densely to the one key region holding
+      all its windows, ``-inf`` elsewhere (:data:`TILE`); matrix products instead of gathers,
+      memory linear in ``N`` with a larger constant than the gather's.
 
-    Both sum in float32 for bfloat16 / float16 inputs and return the inputs' dtype.
+    All sum in float32 for bfloat16 / float16 inputs and return the inputs' dtype.
 
     Args:
         q: queries ``(B, heads, H, W, head_dim)``, already scaled.
@@ -454,9 +587,9 @@ def neighborhood_attention(
         kernel_size: odd window size ``k``.
         dilation: spacing of the keys (dilated NA).
         dropout_p: dropout on the attention weights (pass 0 in evaluation).
-        method: ``'dense'``, ``'neighborhood'`` or None for
+        method: ``'dense'``, ``'neighborhood'``, ``'tiled'`` or None for
             :func:`neighborhood_attention_method`'s choice (dense on small maps, see
-            :data:`DENSE_TOKENS_PER_KEY`).
+            :data:`DENSE_TOKENS_PER_KEY`, tiled beyond them on the CPU).
 
     Returns:
         ``(B, heads, H, W, head_dim)``.
@@ -464,20 +597,15 @@ def neighborhood_attention(
     _check_inputs(q, k, v, rpb, kernel_size, dilation)
     if method is not None and method not in METHODS:
         raise ValueError(f"method must be one of {METHODS} or None (choose by map size), got {method!r}")
-    if _counting_flops():
+    if counting_flops():
         return _counted_attention(q, k, v, rpb, kernel_size, dilation)
     if method is None:
         method = neighborhood_attention_method(q.shape[2:4], kernel_size, q.device)
     if method == 'dense':
         return _dense_attention(q, k, v, rpb, kernel_size, dilation, dropout_p)
+    if method == 'tiled':
+        return _tiled_attention(q, k, v, rpb, kernel_size, dilation, dropout_p)
     return _gathered_attention(q, k, v, rpb, kernel_size, dilation, dropout_p)
-
-
-def _counting_flops() -> bool:
-    """Whether torch's FLOP counter (``deformvit.count_macs``) is watching: its dispatch mode is on the stack."""
-    if torch.compiler.is_compiling():  # traced graphs (torch.compile, torch.export) take the usual paths
-        return False
-    return any(type(mode).__name__ == '_FlopCounterMode' for mode in _get_current_dispatch_mode_stack())
 
 
 def _counted_attention(q, k, v, rpb, kernel_size, dilation):

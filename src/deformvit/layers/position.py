@@ -12,6 +12,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .fast import fast_paths_enabled
 from .sampling import bilinear_grid_sample
 
 __all__ = [
@@ -60,17 +61,83 @@ def deformable_relative_position_bias(
         are then exact, and a float16 / bfloat16 table is read in float32 on the CPU
         (:func:`deformvit.layers.bilinear_grid_sample`).
     """
-    heads, th, tw = table.shape
-    bg, nk, _ = key_points.shape
-    batch = bg // n_groups
+    if _lean_bias(table, query_points, key_points):
+        return _DeformableBias.apply(table, query_points, key_points, n_groups)
+    heads = table.shape[0]
+    batch, nk = key_points.shape[0] // n_groups, key_points.shape[1]
+    displacement = _displacement(query_points, key_points)
+    bias = bilinear_grid_sample(_per_group(table, n_groups, batch), displacement, align_corners=True)
+    return bias.reshape(batch, heads, bias.shape[-2], nk)  # (B*G, h/G, Nq, Nk) -> (B, heads, Nq, Nk)
+
+
+def _displacement(query_points: torch.Tensor, key_points: torch.Tensor) -> torch.Tensor:
+    """Half the query-key displacements, ``(B*G, Nq, Nk, 2)`` in grid_sample's ``(x, y)`` order."""
     queries = query_points if query_points.dim() == 3 else query_points[None]
-    # (1 or B*G, Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2), flipped to grid_sample's (x, y) order
-    displacement = (queries.flip(-1)[:, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
-    # (heads, Th, Tw) -> (B*G, heads/G, Th, Tw)
+    # (1 or B*G, Nq, 2) - (B*G, Nk, 2) -> (B*G, Nq, Nk, 2)
+    return (queries.flip(-1)[:, :, None, :] - key_points.flip(-1)[:, None, :, :]).mul_(0.5)
+
+
+def _per_group(table: torch.Tensor, n_groups: int, batch: int) -> torch.Tensor:
+    """``(heads, Th, Tw)`` -> ``(B*G, heads/G, Th, Tw)``: each map's group reads its heads' planes."""
+    heads, th, tw = table.shape
     per_group = table.reshape(n_groups, heads // n_groups, th, tw)
-    per_group = per_group.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(bg, heads // n_groups, th, tw)
-    bias = bilinear_grid_sample(per_group, displacement, align_corners=True)  # (B*G, h/G, Nq, Nk)
-    return bias.reshape(batch, heads, bias.shape[-2], nk)
+    return per_group.unsqueeze(0).expand(batch, -1, -1, -1, -1).reshape(batch * n_groups, heads // n_groups, th, tw)
+
+
+def _lean_bias(table: torch.Tensor, query_points: torch.Tensor, key_points: torch.Tensor) -> bool:
+    """Whether :class:`_DeformableBias` computes the bias: gradients wanted, float32 / float64 throughout."""
+    tensors = (table, query_points, key_points)
+    return (fast_paths_enabled() and torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+            and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
+            and all(t.dtype == table.dtype for t in tensors) and table.dtype in (torch.float32, torch.float64))
+
+
+class _DeformableBias(torch.autograd.Function):
+    """:func:`deformable_relative_position_bias` with a backward that recomputes the displacements.
+
+    The composite form keeps the ``(B*G, Nq, Nk, 2)`` displacements for ``grid_sample``'s
+    backward: half as large as the attention weights themselves. This form keeps only the table
+    and the points and rebuilds the displacements in backward (one subtraction); values and
+    gradients are those of the composite form (tests/test_fast_paths.py).
+    """
+
+    @staticmethod
+    def forward(ctx, table, query_points, key_points, n_groups):
+        heads = table.shape[0]
+        batch, nk = key_points.shape[0] // n_groups, key_points.shape[1]
+        bias = F.grid_sample(_per_group(table, n_groups, batch), _displacement(query_points, key_points),
+                             mode='bilinear', padding_mode='zeros', align_corners=True)
+        ctx.save_for_backward(table, query_points, key_points)
+        ctx.n_groups = n_groups
+        return bias.reshape(batch, heads, bias.shape[-2], nk)
+
+    @staticmethod
+    def backward(ctx, grad_bias):
+        table, query_points, key_points = ctx.saved_tensors
+        need_table, need_queries, need_keys, _ = ctx.needs_input_grad
+        n_groups = ctx.n_groups
+        batch, nk = key_points.shape[0] // n_groups, key_points.shape[1]
+        per_group = _per_group(table, n_groups, batch)
+        displacement = _displacement(query_points, key_points)
+        grad_bias = grad_bias.reshape(batch * n_groups, -1, grad_bias.shape[-2], nk)
+        # interpolation 0: bilinear, padding 0: zeros
+        grad_table, grad_grid = torch.ops.aten.grid_sampler_2d_backward(
+            grad_bias, per_group, displacement, 0, 0, True, [need_table, need_queries or need_keys])
+        del displacement
+        if need_table:
+            grad_table = grad_table.view(batch, *table.shape).sum(0)  # (B*G, h/G, Th, Tw) -> (heads, Th, Tw)
+        grad_queries = grad_keys = None
+        if need_queries or need_keys:
+            grad_grid = grad_grid.flip(-1).mul_(0.5)  # back to (y, x), through the halving
+            if need_keys:
+                grad_keys = -grad_grid.sum(1)  # (B*G, Nk, 2)
+            if need_queries:
+                grad_queries = grad_grid.sum(2)  # (B*G, Nq, 2)
+                if query_points.dim() == 2:  # (Nq, 2), shared by every map
+                    grad_queries = grad_queries.sum(0)
+                elif query_points.shape[0] != grad_queries.shape[0]:  # (1, Nq, 2)
+                    grad_queries = grad_queries.sum(0, keepdim=True)
+        return grad_table if need_table else None, grad_queries, grad_keys, None
 
 
 def resize_relative_position_table(table: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

@@ -39,6 +39,7 @@ from ..layers import (
     attention_weights,
     bilinear_grid_sample,
     deformable_relative_position_bias,
+    fast_paths_enabled,
     pad_to_multiple,
     reference_points,
     relative_position_index,
@@ -97,7 +98,15 @@ class Downsample(nn.Module):
 
     ``overlapping=True`` uses the 3x3 / stride-2 convolution of Appendix B. Odd sizes are
     padded at the bottom/right.
+
+    The 2x2 / stride-2 convolution is a linear layer over each 2x2 patch's ``4C`` values, and
+    runs as one (``as_linear``, default True): the channels-last map is regrouped by patch and
+    multiplied by the convolution's weight laid out as ``(C', 2 * 2 * C)``. The parameter stays
+    the convolution's (the release's checkpoint layout); the result is the convolution's up to
+    float rounding, and its backward avoids the CPU convolution's slow weight gradient.
     """
+
+    as_linear = True
 
     def __init__(self, dim_in: int, dim_out: int, overlapping: bool = False):
         super().__init__()
@@ -108,11 +117,17 @@ class Downsample(nn.Module):
         self.norm = nn.LayerNorm(dim_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
-        h, w = x.shape[-2:]
+        h, w = x.shape[1:3]
         if h % 2 or w % 2:
-            x = F.pad(x, (0, w % 2, 0, h % 2))
-        x = self.conv(x).permute(0, 2, 3, 1)  # (B, C', H/2, W/2) -> (B, H/2, W/2, C')
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))  # (B, H, W, C): pad W then H at the end
+        linear = self.as_linear and fast_paths_enabled() and self.conv.kernel_size == (2, 2)
+        if linear and not self.conv._forward_hooks:
+            b, hp, wp, c = x.shape
+            # (B, H, W, C) -> (B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2, 4C), patch values in (dy, dx, c) order
+            patches = x.view(b, hp // 2, 2, wp // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp // 2, wp // 2, 4 * c)
+            weight = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * c)  # (C', dy, dx, c)
+            return self.norm(F.linear(patches, weight))
+        x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H/2, W/2, C')
         return self.norm(x)
 
 

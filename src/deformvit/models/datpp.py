@@ -26,11 +26,14 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from ..checkpoint import unwrap_state_dict
 from ..layers import Mlp
+from ..layers import fast_paths_enabled
+from ..layers.mlp import autocast_on
 from ..layers.neighborhood import NeighborhoodAttention2D
 from ._pyramid import PyramidBackbone, build_pyramid, official_source, per_stage, pyramid_cfg
 from .dat import DeformableAttention, OffsetNetwork, check_release_layout
@@ -122,7 +125,15 @@ class ConvMlp(nn.Module):
         dim: input and output channels.
         hidden_dim: hidden channels.
         drop: dropout after the first and second linear layers.
+
+    ``lean`` (class attribute, default True): in training, keep only the input and ``fc1``'s
+    output for backward and recompute the convolution and the GELU there (:class:`_LeanConvMlp`),
+    as :class:`deformvit.layers.Mlp` does for its GELU: autograd would keep three hidden-size
+    maps per block. Values and gradients are the plain path's, which runs where the lean one
+    cannot (dropout between the layers, autocast, half precision, hooks, tracing).
     """
+
+    lean = True
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
         super().__init__()
@@ -133,10 +144,72 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
+    def _use_lean(self, x: torch.Tensor) -> bool:
+        layers = (self.fc1, self.dwc, self.act, self.fc2)
+        return (self.lean and fast_paths_enabled() and torch.is_grad_enabled()
+                and (x.requires_grad or self.fc1.weight.requires_grad)
+                and not (self.training and self.drop1.p > 0.) and type(self.act) is nn.GELU
+                and self.act.approximate == 'none' and x.dtype in (torch.float32, torch.float64)
+                and all(p.dtype == x.dtype for p in self.parameters())
+                and not autocast_on(x.device.type)
+                and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
+                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in layers))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._use_lean(x):
+            return self.drop2(_LeanConvMlp.apply(x, self.fc1.weight, self.fc1.bias, self.dwc.weight, self.dwc.bias,
+                                                 self.fc2.weight, self.fc2.bias))
         x = self.drop1(self.fc1(x))
         x = x + self.dwc(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # depthwise conv on (B, C4, H, W)
         return self.drop2(self.fc2(self.act(x)))
+
+
+def _depthwise(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``h + DWConv3x3(h)`` of :class:`ConvMlp` on a channels-last ``(B, H, W, C4)`` map."""
+    conv = F.conv2d(hidden.permute(0, 3, 1, 2), weight, bias, 1, 1, 1, weight.shape[0])
+    return hidden + conv.permute(0, 2, 3, 1)
+
+
+class _LeanConvMlp(torch.autograd.Function):
+    """``fc2(gelu(a + DWConv(a)))``, ``a = fc1(x)``, keeping ``x`` and ``a`` for backward only.
+
+    Backward recomputes ``z = a + DWConv(a)`` and ``gelu(z)``, then takes the chain rule by
+    hand: ``dW2 = dY^T gelu(z)``, ``dZ = gelu'(z) * dY W2``, the convolution's gradients from
+    ``dZ`` (``torch.ops.aten.convolution_backward``), ``dA = dZ + DWConv^T(dZ)``, ``dW1 = dA^T x``
+    and ``dX = dA W1``: autograd's gradients of the plain path (tests/test_fast_paths.py).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight1, bias1, conv_weight, conv_bias, weight2, bias2):
+        hidden = F.linear(x, weight1, bias1)
+        out = F.linear(F.gelu(_depthwise(hidden, conv_weight, conv_bias)), weight2, bias2)
+        ctx.save_for_backward(x, hidden, weight1, conv_weight, conv_bias, weight2)
+        ctx.has_bias = (bias1 is not None, conv_bias is not None, bias2 is not None)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, hidden, weight1, conv_weight, conv_bias, weight2 = ctx.saved_tensors
+        need_x, need_w1, need_b1, need_cw, need_cb, need_w2, need_b2 = ctx.needs_input_grad
+        channels = hidden.shape[-1]
+        mixed = _depthwise(hidden, conv_weight, conv_bias)  # z, recomputed
+        grad_out = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_w2 = grad_out.t().mm(F.gelu(mixed.view(-1, channels))) if need_w2 else None
+        grad_b2 = grad_out.sum(0) if need_b2 and ctx.has_bias[2] else None
+        grad_mixed = grad_out.mm(weight2)
+        torch.ops.aten.gelu_backward.grad_input(grad_mixed, mixed.view(-1, channels), grad_input=grad_mixed)
+        del mixed
+        grad_mixed = grad_mixed.view(hidden.shape)
+        grad_conv_in, grad_cw, grad_cb = torch.ops.aten.convolution_backward(
+            grad_mixed.permute(0, 3, 1, 2), hidden.permute(0, 3, 1, 2), conv_weight,
+            [channels] if ctx.has_bias[1] else None, [1, 1], [1, 1], [1, 1], False, [0, 0], channels,
+            [True, need_cw, need_cb and ctx.has_bias[1]])
+        grad_hidden = grad_conv_in.permute(0, 2, 3, 1).add_(grad_mixed).reshape(-1, channels)  # dA = dZ + DWConv^T dZ
+        del grad_mixed, grad_conv_in
+        grad_w1 = grad_hidden.t().mm(x.reshape(-1, x.shape[-1])) if need_w1 else None
+        grad_b1 = grad_hidden.sum(0) if need_b1 and ctx.has_bias[0] else None
+        grad_x = grad_hidden.mm(weight1).view(x.shape) if need_x else None
+        return grad_x, grad_w1, grad_b1, grad_cw, grad_cb, grad_w2, grad_b2
 
 
 class NeighborhoodAttentionNHWC(NeighborhoodAttention2D):

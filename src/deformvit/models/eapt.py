@@ -47,7 +47,9 @@ from ..layers import (
     SinusoidalEncoding,
     attention,
     bilinear_grid_sample,
+    counting_flops,
     deformable_relative_position_bias,
+    fast_paths_enabled,
     pad_to_multiple,
     resize_relative_position_table,
     window_partition,
@@ -88,7 +90,17 @@ class WindowOffsetNetwork(nn.Module):
         dim: channels ``C``.
         kernel_size: ``k``.
         broaden_size: ``b`` (> 0).
+
+    Both layers are linear, so ``Dense(Conv(.))`` is one ``k x k`` convolution from ``C`` channels
+    to 2, of weight ``W_dense[o, c] * W_conv[c, :, :]`` and bias ``W_dense b_conv + b_dense``; with
+    ``fused`` (class attribute, default True) it runs as that convolution, which skips the
+    ``C``-channel intermediate map and the memory its backward would keep (the FLOP counter still
+    sees the two layers, the MACs of Table III). The parameters stay
+    the two layers'; ``fused = False`` runs them one after the other (the same values up to float
+    rounding, tests/test_fast_paths.py).
     """
+
+    fused = True
 
     def __init__(self, dim: int, kernel_size: int, broaden_size: float):
         super().__init__()
@@ -98,6 +110,12 @@ class WindowOffsetNetwork(nn.Module):
 
     def forward(self, windows: torch.Tensor) -> torch.Tensor:
         """``(B*nW, Wh, Ww, C)`` window features -> ``(B*nW, Wh, Ww, 2)`` float32 ``(o_y, o_x)``."""
+        if self.fused and fast_paths_enabled() and not counting_flops() and not any(
+                m._forward_hooks or m._forward_pre_hooks for m in (self.conv, self.dense)):
+            weight = self.dense.weight[:, :, None, None] * self.conv.weight[:, 0]  # (2, C, k, k)
+            bias = self.dense.bias + self.dense.weight @ self.conv.bias
+            offsets = F.conv2d(windows.permute(0, 3, 1, 2), weight, bias, 1, self.conv.padding)  # (B*nW, 2, Wh, Ww)
+            return offsets.permute(0, 2, 3, 1).float().tanh() * self.broaden_size
         x = self.conv(windows.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B*nW, Wh, Ww, C)
         return self.dense(x).float().tanh() * self.broaden_size
 

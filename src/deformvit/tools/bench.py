@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import fast_paths
 from ..runtime import autocast_context, autocast_dtype, resolve_device
 from ..tasks import DETECTORS, build_detector, create_model
 from .complexity import count_macs, count_parameters
@@ -401,7 +402,9 @@ def table8_memory(
     Each row is built with ``create_model(model, size, **kwargs)``. Its peak is measured with
     autograd recording in train mode (what the paper's "forward pass" of a training step keeps) and
     without gradients in eval mode (:func:`peak_forward_memory`), and divided by the reference
-    row's, next to the same ratio of the paper's figures.
+    row's, next to the same ratio of the paper's figures. The fast paths are off
+    (:func:`deformvit.layers.fast_paths`): they lighten DAT's attention and not D-DETR's, and the
+    table compares the two mechanisms as the 2022 release computes them.
 
     Args:
         rows: ``(label, model name, create_model kwargs, paper GB or None)``; default
@@ -433,8 +436,9 @@ def table8_memory(
         model = model.to(device)
         gmacs = count_macs(model, (3, size, size)) / 1e9
         shape = (batch, 3, size, size)
-        peak = peak_forward_memory(model.train(), shape, device, grad=True, precision=precision)
-        peak_no_grad = peak_forward_memory(model.eval(), shape, device, grad=False, precision=precision)
+        with fast_paths(False):  # both attention mechanisms as the release computes them
+            peak = peak_forward_memory(model.train(), shape, device, grad=True, precision=precision)
+            peak_no_grad = peak_forward_memory(model.eval(), shape, device, grad=False, precision=precision)
         results.append(dict(
             label=label, model=name, kwargs=dict(kwargs), params_m=params_m, gmacs=gmacs, peak_gib=peak / GIB,
             peak_no_grad_gib=peak_no_grad / GIB, paper_gb=paper_gb, device=str(device), batch=batch, size=size,

@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
+from ..layers import fast_paths
 from .complexity import count_macs, count_parameters
 from .memory import GIB, peak_forward_memory
 from .paper import MEMORY, NOTES, ROWS, TABLE8_BATCH, TABLES, PaperRow
@@ -103,9 +104,11 @@ def profile_markdown(name: str, parts: List[Dict], total_params: int, total_macs
 
 
 def _table8_memory(model: nn.Module, input_size: int) -> float:
-    """GiB at the peak of DAT Table 8's forward pass: batch 64, autograd recording (meta device)."""
+    """GiB at the peak of DAT Table 8's forward pass: batch 64, autograd recording (meta device), with
+    the fast paths off as in :func:`deformvit.tools.bench.table8_memory`."""
     model = model.to('meta').train()
-    return peak_forward_memory(model, (TABLE8_BATCH, 3, input_size, input_size), 'meta', grad=True) / GIB
+    with fast_paths(False):
+        return peak_forward_memory(model, (TABLE8_BATCH, 3, input_size, input_size), 'meta', grad=True) / GIB
 
 
 def measure_rows(rows: Sequence[PaperRow], progress: Optional[Callable[[str], None]] = None) -> List[Dict]:
