@@ -304,6 +304,11 @@ def test_one_switch_turns_every_fast_path_off():
     assert attention_module._cpu_path(*torch.randn(3, 1, 2, 49, 8).unbind(0), None, 0.) == 'inplace'
     with fast_paths(False):
         assert attention_module._cpu_path(*torch.randn(3, 1, 2, 49, 8).unbind(0), None, 0.) == 'sdpa'
+    for careless in (0, 'no', None):
+        with pytest.raises(TypeError, match='True or False'):
+            with fast_paths(careless):
+                pass
+    assert fast_paths_enabled()
     names.clear()
     model(x)
     assert '_LeanMlpBackward' in names

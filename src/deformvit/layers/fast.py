@@ -27,7 +27,9 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
     EAPT's offset network its two layers, and neighborhood attention never picks the tiled method.
     """
     global _enabled
-    previous, _enabled = _enabled, bool(enabled)
+    if not isinstance(enabled, bool):
+        raise TypeError(f'fast_paths takes True or False, got {enabled!r}')
+    previous, _enabled = _enabled, enabled
     try:
         yield
     finally:

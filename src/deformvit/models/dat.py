@@ -124,7 +124,8 @@ class Downsample(nn.Module):
         if linear and not self.conv._forward_hooks:
             b, hp, wp, c = x.shape
             # (B, H, W, C) -> (B, H/2, W/2, 2, 2, C) -> (B, H/2, W/2, 4C), patch values in (dy, dx, c) order
-            patches = x.view(b, hp // 2, 2, wp // 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hp // 2, wp // 2, 4 * c)
+            patches = x.reshape(b, hp // 2, 2, wp // 2, 2, c).permute(0, 1, 3, 2, 4, 5)
+            patches = patches.reshape(b, hp // 2, wp // 2, 4 * c)
             weight = self.conv.weight.permute(0, 2, 3, 1).reshape(self.conv.out_channels, 4 * c)  # (C', dy, dx, c)
             return self.norm(F.linear(patches, weight))
         x = self.conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, C, H, W) -> (B, H/2, W/2, C')
