@@ -234,14 +234,24 @@ def test_downsample_as_linear_equals_its_convolution(size, monkeypatch):
 
 
 def test_training_after_inference_in_one_process():
-    """Cached index tables made under torch.inference_mode must serve a later training pass."""
+    """Index tables cached under torch.inference_mode must serve a later training pass."""
+    neighborhood = importlib.import_module('deformvit.layers.neighborhood')
     model = timm.create_model('datpp_tiny', num_classes=5, **SMALL_MODELS['datpp_tiny'])
-    x = torch.randn(1, 3, 256, 256)  # a 64x64 first stage: the tiled neighborhood attention
+    x = torch.randn(1, 3, 112, 112)  # 14x14 and 7x7 neighborhood maps: the dense method's cached tables
     with torch.inference_mode():
         expected = model.eval()(x)
     model(x).sum().backward()  # eval mode still: same values, now with a graph
-    assert model.stages[0].blocks[0].attn.rpb.grad is not None
+    assert model.stages[1].blocks[0].attn.rpb.grad is not None
     torch.testing.assert_close(model(x).detach(), expected)
+    q, k, v = torch.randn(3, 1, 2, 20, 20, 4).unbind(0)
+    rpb = torch.randn(2, 13, 13)
+    with torch.inference_mode():  # the tiled method's tables, cached at the tile training uses
+        expected = neighborhood._tiled_attention(q, k, v, rpb, 7, 1, 0., tile=7)
+    rpb.requires_grad_()
+    out = neighborhood._tiled_attention(q, k, v, rpb, 7, 1, 0., tile=7)
+    out.sum().backward()
+    assert rpb.grad is not None
+    torch.testing.assert_close(out.detach(), expected)
 
 
 def test_lean_conv_mlp_equals_plain_path_and_keeps_one_hidden_map(monkeypatch):

@@ -31,8 +31,7 @@ from timm.layers import DropPath, LayerNorm2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from ..checkpoint import unwrap_state_dict
-from ..layers import Mlp
-from ..layers import fast_paths_enabled
+from ..layers import Mlp, fast_paths_enabled
 from ..layers.mlp import autocast_on
 from ..layers.neighborhood import NeighborhoodAttention2D
 from ._pyramid import PyramidBackbone, build_pyramid, official_source, per_stage, pyramid_cfg

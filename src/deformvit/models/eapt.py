@@ -95,9 +95,9 @@ class WindowOffsetNetwork(nn.Module):
     to 2, of weight ``W_dense[o, c] * W_conv[c, :, :]`` and bias ``W_dense b_conv + b_dense``; with
     ``fused`` (class attribute, default True) it runs as that convolution, which skips the
     ``C``-channel intermediate map and the memory its backward would keep (the FLOP counter still
-    sees the two layers, the MACs of Table III). The parameters stay
-    the two layers'; ``fused = False`` runs them one after the other (the same values up to float
-    rounding, tests/test_fast_paths.py).
+    sees the two layers, the MACs of Table III). The parameters stay the two layers';
+    ``fused = False`` runs them one after the other (the same values up to float rounding,
+    tests/test_fast_paths.py).
     """
 
     fused = True
