@@ -3,7 +3,7 @@
 Each fast path computes what its reference path computes, with the same parameters, and has a
 switch of its own (``Mlp.lean``, ``fused_attn``, ...); :func:`fast_paths` turns them all off at
 once, for measurements of the plain formulation (DAT Table 8 compares the memory of two attention
-mechanisms as the 2022 release computes them) or to rule them out when a result looks wrong.
+mechanisms under one implementation) or to rule them out when a result looks wrong.
 """
 import contextlib
 from typing import Iterator

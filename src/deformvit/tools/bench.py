@@ -403,8 +403,8 @@ def table8_memory(
     autograd recording in train mode (what the paper's "forward pass" of a training step keeps) and
     without gradients in eval mode (:func:`peak_forward_memory`), and divided by the reference
     row's, next to the same ratio of the paper's figures. The fast paths are off
-    (:func:`deformvit.layers.fast_paths`): they lighten DAT's attention and not D-DETR's, and the
-    table compares the two mechanisms as the 2022 release computes them.
+    (:func:`deformvit.layers.fast_paths`): they lighten DAT's attention and not D-DETR's sampling,
+    and the table compares the two mechanisms under one implementation, as the paper's did.
 
     Args:
         rows: ``(label, model name, create_model kwargs, paper GB or None)``; default
@@ -436,7 +436,7 @@ def table8_memory(
         model = model.to(device)
         gmacs = count_macs(model, (3, size, size)) / 1e9
         shape = (batch, 3, size, size)
-        with fast_paths(False):  # both attention mechanisms as the release computes them
+        with fast_paths(False):  # both attention mechanisms under one implementation
             peak = peak_forward_memory(model.train(), shape, device, grad=True, precision=precision)
             peak_no_grad = peak_forward_memory(model.eval(), shape, device, grad=False, precision=precision)
         results.append(dict(
