@@ -65,6 +65,7 @@ def attention(
     """
     if fused:
         path = _cpu_path(q, k, v, bias, dropout_p)
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         if path == 'lean':
             return _LeanAttention.apply(q, k, v, bias, scale)
         if path == 'inplace':
@@ -115,21 +116,19 @@ def _cpu_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[
     return 'inplace' if small else 'sdpa'
 
 
-def _logits(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-    """``q k^T * scale + bias``, the bias added in place where the shapes allow."""
+def _weights(q: torch.Tensor, k: torch.Tensor, bias: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + bias)`` in one buffer: the bias added and the softmax taken in place."""
     logits = torch.matmul(q * scale if scale != 1. else q, k.transpose(-2, -1))
-    if bias is None:
-        return logits
-    if torch.broadcast_shapes(logits.shape, bias.shape) == logits.shape:
-        return logits.add_(bias)
-    return logits + bias
+    if bias is not None:
+        logits = logits.add_(bias) if torch.broadcast_shapes(logits.shape, bias.shape) == logits.shape \
+            else logits + bias
+    return torch.softmax(logits, -1, out=logits)
 
 
 def _explicit_inplace(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
-                      scale: Optional[float] = None) -> torch.Tensor:
-    """Inference form of the explicit path: one logits buffer, softmax, product."""
-    logits = _logits(q, k, bias, q.shape[-1] ** -0.5 if scale is None else scale)
-    return torch.matmul(torch.softmax(logits, -1, out=logits), v)
+                      scale: float) -> torch.Tensor:
+    """Inference form of the explicit path: one weights buffer, then the product."""
+    return torch.matmul(_weights(q, k, bias, scale), v)
 
 
 def _sum_to(grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -152,10 +151,8 @@ class _LeanAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale=None):
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        logits = _logits(q, k, bias, scale)
-        weights = torch.softmax(logits, -1, out=logits)  # in place: no second buffer of the logits' size
+    def forward(ctx, q, k, v, bias, scale):
+        weights = _weights(q, k, bias, scale)
         ctx.save_for_backward(q, k, v, weights)
         ctx.scale = scale
         ctx.bias_shape = None if bias is None else bias.shape

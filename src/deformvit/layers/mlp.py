@@ -12,19 +12,39 @@ backward, one element-wise pass. For DAT-T at batch 16 that is 350 MiB less kept
 (1900 to 1550 MiB), and faster steps, since allocating fresh memory costs the CPU about as much as
 the pass (docs/benchmarks.md, "Fast paths"); ``Mlp.lean = False`` turns it off.
 """
+from typing import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .fast import fast_paths_enabled
 
-__all__ = ['Mlp', 'autocast_on']
+__all__ = ['Mlp', 'autocast_on', 'lean_applies']
 
 
 def autocast_on(device_type: str) -> bool:
     """Whether autocast is on for ``device_type`` (False on devices without autocast, such as meta)."""
     return (torch.amp.autocast_mode.is_autocast_available(device_type)
             and torch.is_autocast_enabled(device_type))
+
+
+def lean_applies(mlp: nn.Module, x: torch.Tensor, layers: Sequence[nn.Module]) -> bool:
+    """Whether an MLP may keep less for backward and recompute the rest (its ``lean`` path).
+
+    ``mlp`` has ``lean``, ``drop1`` (dropout after ``fc1``) and an exact-GELU ``act``; ``layers``
+    are the inner layers a hook could watch. True when a gradient is wanted, the switches are on,
+    nothing random sits between the layers, everything is float32 / float64 without autocast, no
+    hook watches an inner layer and nothing traces the model.
+    """
+    return (mlp.lean and fast_paths_enabled() and torch.is_grad_enabled()
+            and (x.requires_grad or mlp.fc1.weight.requires_grad)
+            and not (mlp.training and mlp.drop1.p > 0.) and type(mlp.act) is nn.GELU
+            and mlp.act.approximate == 'none' and x.dtype in (torch.float32, torch.float64)
+            and all(p.dtype == x.dtype for p in mlp.parameters())
+            and not autocast_on(x.device.type)
+            and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
+            and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in layers))
 
 
 class Mlp(nn.Module):
@@ -51,19 +71,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop2 = nn.Dropout(drop)
 
-    def _use_lean(self, x: torch.Tensor) -> bool:
-        return (self.lean and fast_paths_enabled() and torch.is_grad_enabled()
-                and (x.requires_grad or self.fc1.weight.requires_grad)
-                and not (self.training and self.drop1.p > 0.) and type(self.act) is nn.GELU
-                and self.act.approximate == 'none' and x.dtype in (torch.float32, torch.float64)
-                and x.dtype == self.fc1.weight.dtype == self.fc2.weight.dtype
-                and not autocast_on(x.device.type)
-                and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
-                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                            for m in (self.fc1, self.act, self.fc2)))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_lean(x):
+        if lean_applies(self, x, (self.fc1, self.act, self.fc2)):
             return self.drop2(_LeanMlp.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias))
         x = self.fc1(x)
         if x.requires_grad or self.fc1._forward_hooks or torch.onnx.is_in_onnx_export():

@@ -189,19 +189,25 @@ def _neighborhood_tables(
     return keys.flatten(2).flatten(0, 1).t().contiguous(), bias.flatten(2).flatten(0, 1).t().contiguous()
 
 
-_cached_tables = functools.lru_cache(maxsize=64)(_neighborhood_tables)
-
-
-def _tables(size, kernel_size, dilation, device):
-    """Cached :func:`_neighborhood_tables`, except while torch.compile / torch.export trace.
+def _cached(build):
+    """``build`` with its results cached per arguments, except while torch.compile / torch.export trace.
 
     Cached tables are built outside ``torch.inference_mode``: made inside it, they would be
     inference tensors, which a later training pass could not save for its backward.
     """
-    if torch.compiler.is_compiling():
-        return _neighborhood_tables(size, kernel_size, dilation, device)
-    with torch.inference_mode(False):
-        return _cached_tables(size, kernel_size, dilation, device)
+    cached = functools.lru_cache(maxsize=64)(build)
+
+    @functools.wraps(build)
+    def tables(*args):
+        if torch.compiler.is_compiling():
+            return build(*args)
+        with torch.inference_mode(False):
+            return cached(*args)
+
+    return tables
+
+
+_tables = _cached(_neighborhood_tables)
 
 
 def _check_inputs(
@@ -457,7 +463,7 @@ def _axis_tiles(length: int, kernel_size: int, dilation: int, tile: int, device:
 
 
 def _tile_tables(size: Tuple[int, int], kernel_size: int, dilation: int, tile: int, device: torch.device):
-    """Everything the tiled method needs for an ``H x W`` map (cached by :func:`_tiled_tables`).
+    """Everything the tiled method needs for an ``H x W`` map (cached as :func:`_tiled_tables`).
 
     Returns:
         ``(rows, cols, region, slots, bias)``: ``rows`` ``(nY * R,)`` and ``cols`` ``(nX * R,)``
@@ -481,15 +487,7 @@ def _tile_tables(size: Tuple[int, int], kernel_size: int, dilation: int, tile: i
     return rows, cols, (row_region, col_region), by_tile(slots), by_tile(table)
 
 
-_cached_tile_tables = functools.lru_cache(maxsize=64)(_tile_tables)
-
-
-def _tiled_tables(size, kernel_size, dilation, tile, device):
-    """Cached :func:`_tile_tables`, built as :func:`_tables` builds its tables."""
-    if torch.compiler.is_compiling():
-        return _tile_tables(size, kernel_size, dilation, tile, device)
-    with torch.inference_mode(False):
-        return _cached_tile_tables(size, kernel_size, dilation, tile, device)
+_tiled_tables = _cached(_tile_tables)
 
 
 def _tiled_attention(q, k, v, rpb, kernel_size, dilation, dropout_p, tile=None):

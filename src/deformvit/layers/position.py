@@ -63,11 +63,15 @@ def deformable_relative_position_bias(
     """
     if _lean_bias(table, query_points, key_points):
         return _DeformableBias.apply(table, query_points, key_points, n_groups)
-    heads = table.shape[0]
+    return _bias(table, query_points, key_points, n_groups)
+
+
+def _bias(table: torch.Tensor, query_points: torch.Tensor, key_points: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """The bias of :func:`deformable_relative_position_bias` as plain operators (autograd keeps the displacements)."""
     batch, nk = key_points.shape[0] // n_groups, key_points.shape[1]
-    displacement = _displacement(query_points, key_points)
-    bias = bilinear_grid_sample(_per_group(table, n_groups, batch), displacement, align_corners=True)
-    return bias.reshape(batch, heads, bias.shape[-2], nk)  # (B*G, h/G, Nq, Nk) -> (B, heads, Nq, Nk)
+    bias = bilinear_grid_sample(_per_group(table, n_groups, batch), _displacement(query_points, key_points),
+                                align_corners=True)
+    return bias.reshape(batch, table.shape[0], bias.shape[-2], nk)  # (B*G, h/G, Nq, Nk) -> (B, heads, Nq, Nk)
 
 
 def _displacement(query_points: torch.Tensor, key_points: torch.Tensor) -> torch.Tensor:
@@ -103,13 +107,9 @@ class _DeformableBias(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, query_points, key_points, n_groups):
-        heads = table.shape[0]
-        batch, nk = key_points.shape[0] // n_groups, key_points.shape[1]
-        bias = F.grid_sample(_per_group(table, n_groups, batch), _displacement(query_points, key_points),
-                             mode='bilinear', padding_mode='zeros', align_corners=True)
         ctx.save_for_backward(table, query_points, key_points)
         ctx.n_groups = n_groups
-        return bias.reshape(batch, heads, bias.shape[-2], nk)
+        return _bias(table, query_points, key_points, n_groups)
 
     @staticmethod
     def backward(ctx, grad_bias):

@@ -31,8 +31,8 @@ from timm.layers import DropPath, LayerNorm2d
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 
 from ..checkpoint import unwrap_state_dict
-from ..layers import Mlp, fast_paths_enabled
-from ..layers.mlp import autocast_on
+from ..layers import Mlp
+from ..layers.mlp import lean_applies
 from ..layers.neighborhood import NeighborhoodAttention2D
 from ._pyramid import PyramidBackbone, build_pyramid, official_source, per_stage, pyramid_cfg
 from .dat import DeformableAttention, OffsetNetwork, check_release_layout
@@ -143,19 +143,8 @@ class ConvMlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop2 = nn.Dropout(drop)
 
-    def _use_lean(self, x: torch.Tensor) -> bool:
-        layers = (self.fc1, self.dwc, self.act, self.fc2)
-        return (self.lean and fast_paths_enabled() and torch.is_grad_enabled()
-                and (x.requires_grad or self.fc1.weight.requires_grad)
-                and not (self.training and self.drop1.p > 0.) and type(self.act) is nn.GELU
-                and self.act.approximate == 'none' and x.dtype in (torch.float32, torch.float64)
-                and all(p.dtype == x.dtype for p in self.parameters())
-                and not autocast_on(x.device.type)
-                and not torch.compiler.is_compiling() and not torch.jit.is_scripting()
-                and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks for m in layers))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._use_lean(x):
+        if lean_applies(self, x, (self.fc1, self.dwc, self.act, self.fc2)):
             return self.drop2(_LeanConvMlp.apply(x, self.fc1.weight, self.fc1.bias, self.dwc.weight, self.dwc.bias,
                                                  self.fc2.weight, self.fc2.bias))
         x = self.drop1(self.fc1(x))
